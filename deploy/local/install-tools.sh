@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what walcache's local environment needs, only where it is missing:
+#   - PostgreSQL server binaries (Debian packages) when /usr/lib/postgresql/*/bin is absent;
+#   - the tansu broker (crates.io, with sqlite storage) into a cache outside the clone.
+# Safe to run repeatedly; prints where things are.
+set -euo pipefail
+
+TANSU_VERSION=0.6.0
+CACHE_DIR="${WALCACHE_CACHE_DIR:-$HOME/.cache/walcache}"
+TANSU_ROOT="$CACHE_DIR/tools/tansu-$TANSU_VERSION"
+TANSU_BIN="$TANSU_ROOT/bin/tansu"
+
+log() { printf '[install-tools] %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    log "need root to run: $*  (re-run as root or install sudo)"; return 1; fi
+}
+
+install_postgres() {
+  if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    log "postgres: $(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -n1)"
+    return
+  fi
+  log "postgres server binaries missing: installing the Debian postgresql package"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql postgresql-client >/dev/null
+  # The package may start a default cluster; walcache runs its own and leaves that one alone.
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null
+}
+
+install_tansu() {
+  if [ -x "$TANSU_BIN" ]; then
+    log "tansu: $TANSU_BIN"
+    return
+  fi
+  command -v cargo >/dev/null || { log "cargo is required to build tansu (install Rust via rustup)"; exit 1; }
+  log "building tansu $TANSU_VERSION with sqlite storage into $TANSU_ROOT (about 11 minutes on 2 cores, once)"
+  mkdir -p "$CACHE_DIR/tools"
+  # A private target dir keeps this build out of the project's and makes a rerun incremental.
+  CARGO_TARGET_DIR="$CACHE_DIR/tools/tansu-build" \
+    cargo install tansu --version "$TANSU_VERSION" --locked --features dynostore,libsql \
+    --root "$TANSU_ROOT" --quiet
+  rm -rf "$CACHE_DIR/tools/tansu-build"
+  log "tansu: $TANSU_BIN"
+}
+
+case "${1:-all}" in
+  postgres) install_postgres ;;
+  tansu) install_tansu ;;
+  all) install_postgres; install_tansu ;;
+  path-tansu) echo "$TANSU_BIN" ;;
+  *) echo "usage: $0 [all|postgres|tansu|path-tansu]" >&2; exit 2 ;;
+esac

@@ -1,0 +1,393 @@
+//! The producer's configuration: `walcache-producer.toml` plus `WALCACHE_*` overrides.
+//!
+//! ```toml
+//! [postgres]
+//! url = "postgres://walcache@db:5432/incentives"   # password from WALCACHE_POSTGRES__PASSWORD
+//! password_file = "/run/secrets/pg-password"       # ... or from a file
+//! slot = "walcache"
+//! publication = "walcache"
+//!
+//! [kafka]
+//! bootstrap_servers = "kafka:9092"
+//! [kafka.properties]                                # passed to librdkafka as they are
+//! "linger.ms" = "5"
+//!
+//! [[tables]]
+//! table = "public.courier_performance"
+//! contract = "courier_performance"
+//! ```
+//!
+//! `validate()` catches everything that can be known without connecting; `check` connects.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use walcache_common::config::{KafkaConfig, OpsConfig, Secret};
+use walcache_schemas::{Contract, Registry};
+
+use crate::ProducerError;
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProducerConfig {
+    pub postgres: PostgresConfig,
+    pub kafka: KafkaConfig,
+    #[serde(default)]
+    pub topics: TopicsConfig,
+    pub tables: Vec<TableConfig>,
+    #[serde(default)]
+    pub snapshot: SnapshotConfig,
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    #[serde(default = "default_ops")]
+    pub ops: OpsConfig,
+}
+
+fn default_ops() -> OpsConfig {
+    OpsConfig {
+        listen: ([127, 0, 0, 1], 9187).into(),
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PostgresConfig {
+    /// `postgres://user@host:port/database` (a password here works but prefer the env or a file).
+    pub url: Secret,
+    /// Password, normally from `WALCACHE_POSTGRES__PASSWORD`.
+    #[serde(default)]
+    pub password: Option<Secret>,
+    /// A file holding the password (Kubernetes secret, systemd credential).
+    #[serde(default)]
+    pub password_file: Option<PathBuf>,
+    /// Logical replication slot (created if missing; owned by walcache).
+    #[serde(default = "default_slot")]
+    pub slot: String,
+    /// Publication (created for the configured tables if missing).
+    #[serde(default = "default_slot")]
+    pub publication: String,
+}
+
+fn default_slot() -> String {
+    "walcache".into()
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TopicsConfig {
+    /// Table topics are `<prefix>.<schema>.<table>` unless a table names its own.
+    pub prefix: String,
+    /// Partitions of table topics created by walcache.
+    pub partitions: i32,
+    pub replication_factor: i32,
+    pub watermarks: String,
+    pub dead_letter: String,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            prefix: "incentives".into(),
+            partitions: 6,
+            replication_factor: 1,
+            watermarks: "walcache.watermarks".into(),
+            dead_letter: "walcache.dlq".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableConfig {
+    /// `schema.table`.
+    pub table: String,
+    /// Contract name in the schemas crate.
+    pub contract: String,
+    /// Contract version to write (default: the newest).
+    #[serde(default)]
+    pub contract_version: Option<u32>,
+    /// Topic override.
+    #[serde(default)]
+    pub topic: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SnapshotMode {
+    /// Copy existing rows when the slot is created (default).
+    #[default]
+    Initial,
+    /// Only stream changes from the slot's creation on.
+    Never,
+}
+
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotConfig {
+    #[serde(default)]
+    pub mode: SnapshotMode,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// Messages handed to Kafka but not yet acknowledged; beyond this the producer stops
+    /// reading the slot (invariant 6).
+    pub max_in_flight: usize,
+    /// Minimum time between two watermark records while changes flow.
+    #[serde(with = "humantime_serde")]
+    pub watermark_interval: Duration,
+    /// How often an idle database gets a heartbeat message through the slot.
+    #[serde(with = "humantime_serde")]
+    pub heartbeat_interval: Duration,
+    /// How often the confirmed position is reported to Postgres.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
+    /// SIGTERM: how long flushing and confirming may take before the process gives up.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_timeout: Duration,
+    /// How often slot lag is measured.
+    #[serde(with = "humantime_serde")]
+    pub lag_interval: Duration,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        PipelineConfig {
+            max_in_flight: 20_000,
+            watermark_interval: Duration::from_millis(20),
+            heartbeat_interval: Duration::from_secs(1),
+            status_interval: Duration::from_millis(500),
+            shutdown_timeout: Duration::from_secs(30),
+            lag_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Connection settings parsed from the URL, with the password resolved.
+#[derive(Debug, Clone)]
+pub struct PgConnection {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Secret,
+    pub database: String,
+}
+
+impl PgConnection {
+    /// A tokio-postgres config for control-plane connections.
+    pub fn tokio_config(&self, application: &str) -> tokio_postgres::Config {
+        let mut c = tokio_postgres::Config::new();
+        c.host(&self.host)
+            .port(self.port)
+            .user(&self.user)
+            .dbname(&self.database)
+            .application_name(application)
+            .connect_timeout(Duration::from_secs(10));
+        if !self.password.is_empty() {
+            c.password(self.password.expose());
+        }
+        c
+    }
+
+    /// Where we connect, without secrets, for messages.
+    pub fn describe(&self) -> String {
+        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+    }
+}
+
+/// A configured table resolved against the registry.
+#[derive(Debug, Clone)]
+pub struct TableSpec {
+    pub schema: String,
+    pub name: String,
+    pub topic: String,
+    pub contract: &'static Contract,
+    pub version: u32,
+}
+
+impl TableSpec {
+    pub fn qualified(&self) -> String {
+        format!("{}.{}", self.schema, self.name)
+    }
+}
+
+impl ProducerConfig {
+    /// Everything that can be checked without connecting.
+    pub fn validate(&self) -> Result<(), ProducerError> {
+        self.kafka.validate()?;
+        self.pg_connection()?;
+        self.table_specs()?;
+        let ident_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        if !ident_ok(&self.postgres.slot) {
+            return Err(ProducerError::Config(format!(
+                "postgres.slot {:?}: use lower-case letters, digits and underscores (Postgres slot name rules)",
+                self.postgres.slot
+            )));
+        }
+        if !ident_ok(&self.postgres.publication) {
+            return Err(ProducerError::Config(format!(
+                "postgres.publication {:?}: use lower-case letters, digits and underscores",
+                self.postgres.publication
+            )));
+        }
+        if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
+            return Err(ProducerError::Config("topics.partitions and topics.replication_factor must be at least 1".into()));
+        }
+        if self.pipeline.max_in_flight < 1 {
+            return Err(ProducerError::Config("pipeline.max_in_flight must be at least 1".into()));
+        }
+        if self.pipeline.status_interval > Duration::from_secs(30) {
+            return Err(ProducerError::Config(
+                "pipeline.status_interval above 30s risks wal_sender_timeout disconnects; use 10s or less".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The Postgres connection with its password resolved from env or file.
+    pub fn pg_connection(&self) -> Result<PgConnection, ProducerError> {
+        let parsed: tokio_postgres::Config = self.postgres.url.expose().parse().map_err(|e| {
+            ProducerError::Config(format!("postgres.url does not parse ({e}); expected postgres://user@host:port/database"))
+        })?;
+        let host = match parsed.get_hosts().first() {
+            Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
+            Some(tokio_postgres::config::Host::Unix(p)) => p.display().to_string(),
+            None => "localhost".into(),
+        };
+        let port = parsed.get_ports().first().copied().unwrap_or(5432);
+        let user = parsed
+            .get_user()
+            .map(str::to_string)
+            .ok_or_else(|| ProducerError::Config("postgres.url names no user; use postgres://user@host/database".into()))?;
+        let database = parsed.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
+        let password = match (&self.postgres.password, &self.postgres.password_file, parsed.get_password()) {
+            (Some(p), _, _) => p.clone(),
+            (None, Some(file), _) => Secret::from_file(file)?,
+            (None, None, Some(p)) => Secret::new(String::from_utf8_lossy(p).into_owned()),
+            (None, None, None) => Secret::default(),
+        };
+        Ok(PgConnection {
+            host,
+            port,
+            user,
+            password,
+            database,
+        })
+    }
+
+    /// The configured tables resolved against the contracts.
+    pub fn table_specs(&self) -> Result<Vec<TableSpec>, ProducerError> {
+        if self.tables.is_empty() {
+            return Err(ProducerError::Config("no [[tables]] configured; add at least one table and its contract".into()));
+        }
+        let registry = Registry::builtin()?;
+        let mut specs: Vec<TableSpec> = Vec::new();
+        for t in &self.tables {
+            let (schema, name) = t.table.split_once('.').ok_or_else(|| {
+                ProducerError::Config(format!("tables.table {:?}: write it schema-qualified, like public.{}", t.table, t.table))
+            })?;
+            let contract = registry.contract(&t.contract).map_err(|e| ProducerError::Config(format!("table {}: {e}", t.table)))?;
+            let version = match t.contract_version {
+                Some(v) => contract
+                    .version(v)
+                    .ok_or_else(|| {
+                        ProducerError::Config(format!(
+                            "table {}: contract {} has no version {v} (known: {})",
+                            t.table,
+                            contract.name,
+                            contract.versions.iter().map(|v| v.version.to_string()).collect::<Vec<_>>().join(", ")
+                        ))
+                    })?
+                    .version,
+                None => contract.latest().version,
+            };
+            let topic = t.topic.clone().unwrap_or_else(|| format!("{}.{}.{}", self.topics.prefix, schema, name));
+            if specs.iter().any(|s| s.qualified() == t.table) {
+                return Err(ProducerError::Config(format!("table {} is configured twice", t.table)));
+            }
+            if specs.iter().any(|s| s.topic == topic) {
+                return Err(ProducerError::Config(format!("topic {topic} is used by two tables")));
+            }
+            specs.push(TableSpec {
+                schema: schema.to_string(),
+                name: name.to_string(),
+                topic,
+                contract,
+                version,
+            });
+        }
+        Ok(specs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::providers::Format;
+
+    fn base() -> ProducerConfig {
+        toml_config(
+            r#"
+            [postgres]
+            url = "postgres://walcache@db:5433/incentives"
+            [kafka]
+            bootstrap_servers = "k:9092"
+            [[tables]]
+            table = "public.courier_performance"
+            contract = "courier_performance"
+            "#,
+        )
+    }
+
+    fn toml_config(text: &str) -> ProducerConfig {
+        figment::Figment::new()
+            .merge(figment::providers::Toml::string(text))
+            .extract()
+            .expect("parses")
+    }
+
+    #[test]
+    fn defaults_fill_in_and_validate() {
+        let cfg = base();
+        cfg.validate().expect("valid");
+        let conn = cfg.pg_connection().expect("conn");
+        assert_eq!((conn.host.as_str(), conn.port, conn.database.as_str()), ("db", 5433, "incentives"));
+        let specs = cfg.table_specs().expect("specs");
+        assert_eq!(specs[0].topic, "incentives.public.courier_performance");
+        assert_eq!(specs[0].version, 2);
+    }
+
+    #[test]
+    fn mistakes_are_reported_with_what_to_do() {
+        let mut cfg = base();
+        cfg.tables[0].contract = "nope".into();
+        let e = cfg.validate().expect_err("unknown contract").to_string();
+        assert!(e.contains("unknown contract") && e.contains("courier_performance"), "{e}");
+
+        let mut cfg = base();
+        cfg.tables[0].table = "courier_performance".into();
+        assert!(cfg.validate().expect_err("unqualified").to_string().contains("schema-qualified"));
+
+        let mut cfg = base();
+        cfg.postgres.slot = "Bad-Slot".into();
+        assert!(cfg.validate().expect_err("slot").to_string().contains("postgres.slot"));
+
+        let unknown = figment::Figment::new()
+            .merge(figment::providers::Toml::string(
+                "[postgres]\nurl='postgres://u@h/d'\nslott='x'\n[kafka]\nbootstrap_servers='k:1'\n[[tables]]\ntable='public.t'\ncontract='courier_performance'",
+            ))
+            .extract::<ProducerConfig>();
+        assert!(unknown.expect_err("unknown field").to_string().contains("slott"));
+    }
+
+    #[test]
+    fn the_password_never_prints() {
+        let mut cfg = base();
+        cfg.postgres.password = Some(Secret::new("s3cret-pw"));
+        let shown = format!("{cfg:?} {:?}", cfg.pg_connection().expect("conn"));
+        assert!(!shown.contains("s3cret-pw"), "{shown}");
+        assert_eq!(cfg.pg_connection().expect("conn").password.expose(), "s3cret-pw");
+    }
+}

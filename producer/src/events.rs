@@ -1,0 +1,275 @@
+//! Turns decoded changes into Kafka messages: envelope events, tombstones, truncate markers
+//! and dead letters. Shared by the snapshot copy and the replication stream, so both apply the
+//! contract the same way.
+//!
+//! ```text
+//!  insert/update/snapshot ─► key + envelope(after, before?)              ─► table topic
+//!  update that moves a key ─► delete(old key) + tombstone, insert(new key)
+//!  delete                  ─► envelope(op=delete, before?) + tombstone    ─► table topic
+//!  truncate                ─► envelope(op=truncate) under TRUNCATE_KEY    ─► table topic
+//!  contract violation      ─► DeadLetter JSON (table, key, LSN, reason)   ─► dead-letter topic
+//! ```
+
+use std::sync::Arc;
+
+use walcache_common::dead_letter::{DeadLetter, Stage};
+use walcache_schemas::{Op, Position, Violation, micros_to_rfc3339, now_micros, write_envelope};
+
+use crate::ProducerError;
+use crate::binding::{Binding, TableRuntime};
+use crate::metrics::Metrics;
+use crate::pgoutput::{ColumnRef, OldTuple};
+use crate::sink::{DeliveryTag, Sink, TopicId};
+
+/// The key of truncate markers. Not an Avro key: consumers recognise `op = truncate` first.
+/// Compaction keeps the newest marker, which is all a consumer needs (a truncate floor).
+pub const TRUNCATE_KEY: &[u8] = b"\0walcache.truncate";
+
+/// Reusable buffers and per-table counters.
+pub struct Emitter {
+    key: Vec<u8>,
+    key_message: Vec<u8>,
+    row: Vec<u8>,
+    before: Vec<u8>,
+    message: Vec<u8>,
+    dead_letter_topic: TopicId,
+    producer_name: String,
+    metrics: Metrics,
+    /// `[table][op]` delivery counters, resolved once.
+    tags: Vec<Vec<DeliveryTag>>,
+    dead_letter_tags: Vec<std::collections::HashMap<&'static str, DeliveryTag>>,
+}
+
+impl std::fmt::Debug for Emitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Emitter").field("dead_letter_topic", &self.dead_letter_topic).finish_non_exhaustive()
+    }
+}
+
+impl Emitter {
+    /// `tables[i]` writes to topic id `i`; the dead-letter topic is `dead_letter_topic`.
+    pub fn new(tables: &[Arc<TableRuntime>], dead_letter_topic: TopicId, producer_name: &str, metrics: Metrics) -> Self {
+        let tags = tables
+            .iter()
+            .map(|t| {
+                Op::ALL
+                    .iter()
+                    .map(|op| DeliveryTag {
+                        events: Some(metrics.events.with_label_values(&[&t.qualified, op.as_str()])),
+                        bytes: Some(metrics.bytes.with_label_values(&[&t.qualified])),
+                    })
+                    .collect()
+            })
+            .collect();
+        Emitter {
+            key: Vec::with_capacity(32),
+            key_message: Vec::with_capacity(48),
+            row: Vec::with_capacity(256),
+            before: Vec::with_capacity(256),
+            message: Vec::with_capacity(512),
+            dead_letter_topic,
+            producer_name: producer_name.to_string(),
+            metrics,
+            tags,
+            dead_letter_tags: vec![Default::default(); tables.len()],
+        }
+    }
+
+    fn tag(&self, table: &TableRuntime, op: Op) -> DeliveryTag {
+        self.tags[table.index][op as usize].clone()
+    }
+
+    /// A snapshot row, insert or update: key and row from `new`. `old` is the update's old
+    /// tuple, used for `before` (full rows), unchanged TOAST values and key moves.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn upsert(
+        &mut self,
+        sink: &mut Sink,
+        binding: &Binding,
+        op: Op,
+        message: &[u8],
+        new: &[ColumnRef],
+        old: Option<(OldTuple, &[ColumnRef])>,
+        position: &mut Position,
+    ) -> Result<(), ProducerError> {
+        let table = Arc::clone(&binding.table);
+        if let Err(v) = binding.encode_key(message, new, &mut self.key) {
+            return self.dead_letter(sink, binding, &v, op, message, new, position).await;
+        }
+        let mut op = op;
+        let full_old = old.and_then(|(k, cols)| (k == OldTuple::Full).then_some(cols));
+        // An update that changes the key: the old key is deleted, the new one inserted.
+        if let Some((_, old_cols)) = old {
+            let mut old_key = Vec::new();
+            if binding.encode_key(message, old_cols, &mut old_key).is_ok() && old_key != self.key {
+                let new_key = std::mem::replace(&mut self.key, old_key);
+                self.emit_delete(sink, binding, message, full_old, position).await?;
+                self.key = new_key;
+                op = Op::Insert;
+            }
+        }
+        if let Err(v) = binding.encode_row(message, new, full_old, &mut self.row) {
+            return self.dead_letter(sink, binding, &v, op, message, new, position).await;
+        }
+        let before = match full_old {
+            Some(cols) if op == Op::Update && binding.encode_row(message, cols, None, &mut self.before).is_ok() => {
+                Some(&self.before[..])
+            }
+            _ => None,
+        };
+        self.message.clear();
+        write_envelope(
+            &mut self.message,
+            &table.version.doc.header,
+            op,
+            before,
+            Some(&self.row),
+            position,
+            &table.qualified,
+        );
+        self.key_message.clear();
+        self.key_message.extend_from_slice(&table.spec.contract.key.header);
+        self.key_message.extend_from_slice(&self.key);
+        let tag = self.tag(&table, op);
+        sink.send(table.index, &self.key_message, Some(&self.message), tag).await?;
+        position.index += 1;
+        Ok(())
+    }
+
+    /// A delete: key from the old tuple (key columns or the full row).
+    pub async fn delete(
+        &mut self,
+        sink: &mut Sink,
+        binding: &Binding,
+        message: &[u8],
+        old_kind: OldTuple,
+        old: &[ColumnRef],
+        position: &mut Position,
+    ) -> Result<(), ProducerError> {
+        if let Err(v) = binding.encode_key(message, old, &mut self.key) {
+            return self.dead_letter(sink, binding, &v, Op::Delete, message, old, position).await;
+        }
+        let full = (old_kind == OldTuple::Full).then_some(old);
+        self.emit_delete(sink, binding, message, full, position).await
+    }
+
+    /// The delete event and its tombstone for the key in `self.key`.
+    async fn emit_delete(
+        &mut self,
+        sink: &mut Sink,
+        binding: &Binding,
+        message: &[u8],
+        full_old: Option<&[ColumnRef]>,
+        position: &mut Position,
+    ) -> Result<(), ProducerError> {
+        let table = Arc::clone(&binding.table);
+        let before = match full_old {
+            Some(cols) if binding.encode_row(message, cols, None, &mut self.before).is_ok() => Some(&self.before[..]),
+            _ => None,
+        };
+        self.message.clear();
+        write_envelope(
+            &mut self.message,
+            &table.version.doc.header,
+            Op::Delete,
+            before,
+            None,
+            position,
+            &table.qualified,
+        );
+        self.key_message.clear();
+        self.key_message.extend_from_slice(&table.spec.contract.key.header);
+        self.key_message.extend_from_slice(&self.key);
+        let tag = self.tag(&table, Op::Delete);
+        sink.send(table.index, &self.key_message, Some(&self.message), tag).await?;
+        // The tombstone lets compaction forget the key; the delete event before it carries the
+        // position, so consumers never need the tombstone to be ordered.
+        let no_count = DeliveryTag {
+            events: None,
+            bytes: None,
+        };
+        sink.send(table.index, &self.key_message, None, no_count).await?;
+        position.index += 1;
+        Ok(())
+    }
+
+    /// A truncate marker: consumers drop every row of the table older than `position`.
+    pub async fn truncate(&mut self, sink: &mut Sink, table: &TableRuntime, position: &mut Position) -> Result<(), ProducerError> {
+        self.message.clear();
+        write_envelope(
+            &mut self.message,
+            &table.version.doc.header,
+            Op::Truncate,
+            None,
+            None,
+            position,
+            &table.qualified,
+        );
+        let tag = self.tag(table, Op::Truncate);
+        sink.send(table.index, TRUNCATE_KEY, Some(&self.message), tag).await?;
+        position.index += 1;
+        Ok(())
+    }
+
+    /// Sets a row aside with its reason. Counted, logged without values, and queued like any
+    /// other message: its position is confirmed only once Kafka has it.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn dead_letter(
+        &mut self,
+        sink: &mut Sink,
+        binding: &Binding,
+        violation: &Violation,
+        op: Op,
+        message: &[u8],
+        columns: &[ColumnRef],
+        position: &mut Position,
+    ) -> Result<(), ProducerError> {
+        let table = &binding.table;
+        tracing::warn!(
+            table = %table.qualified,
+            reason = violation.code(),
+            field = violation.field(),
+            lsn = %position.lsn,
+            txid = position.txid,
+            "row breaks its contract; set aside on the dead-letter topic"
+        );
+        let record = DeadLetter {
+            stage: Stage::Producer,
+            table: Some(table.qualified.clone()),
+            key: binding.key_json(message, columns),
+            lsn: Some(position.lsn),
+            txid: Some(position.txid),
+            index: Some(position.index),
+            commit_time: Some(micros_to_rfc3339(position.commit_ts_micros)),
+            op: Some(op.as_str().into()),
+            reason_code: violation.code().into(),
+            reason: violation.to_string(),
+            field: Some(violation.field().to_string()),
+            row: Some(binding.row_json(message, columns)),
+            raw_key_base64: None,
+            raw_value_base64: None,
+            origin: None,
+            written_by: self.producer_name.clone(),
+            written_at: micros_to_rfc3339(now_micros()),
+        };
+        let value = serde_json::to_vec(&record)
+            .map_err(|e| ProducerError::Config(format!("serializing a dead-letter record: {e}")))?;
+        let key = format!(
+            "{}:{}",
+            table.qualified,
+            record.key.as_ref().map_or_else(|| "?".to_string(), |k| k.to_string())
+        );
+        let code = violation.code();
+        let metrics = &self.metrics;
+        let tag = self.dead_letter_tags[table.index]
+            .entry(code)
+            .or_insert_with(|| DeliveryTag {
+                events: Some(metrics.dead_letters.with_label_values(&[&table.qualified, code])),
+                bytes: None,
+            })
+            .clone();
+        sink.send(self.dead_letter_topic, key.as_bytes(), Some(&value), tag).await?;
+        position.index += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,613 @@
+//! One producer session and the supervisor that restarts it.
+//!
+//! ```text
+//!  run ──► session ─┬─ leader lock (advisory lock per slot; standby until it is free)
+//!     ▲             ├─ publication, topics, sink offsets
+//!     │             ├─ slot state: resume | (re)create + snapshot
+//!     │             ├─ stream: slot ──decode──► emitter ──► sink ──acks──► confirm LSN, watermarks
+//!     │             └─ SIGTERM: stop reading, flush, confirm, wait for the slot to show it
+//!     └── transient error: backoff, new session (the slot replays from its confirmed LSN)
+//! ```
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use walcache_common::kafka::{Metadata, TopicSpec, ensure_topics};
+use walcache_common::ops::Health;
+use walcache_schemas::position::PG_EPOCH_OFFSET_MICROS;
+use walcache_schemas::{Lsn, Op, Position, ProducerState, now_micros};
+
+use crate::ProducerError;
+use crate::binding::{Binding, TableRuntime};
+use crate::config::{PgConnection, ProducerConfig, SnapshotMode};
+use crate::events::Emitter;
+use crate::metrics::Metrics;
+use crate::pgoutput::{self, Change, Tuples};
+use crate::postgres::{Control, HEARTBEAT_PREFIX, parse_lsn, quote_ident};
+use crate::sink::{Checkpoint, CheckpointKind, Sink};
+use crate::{check, snapshot, state};
+
+/// A configured producer, ready to run.
+pub struct Producer {
+    config: ProducerConfig,
+    pg: PgConnection,
+    tables: Vec<Arc<TableRuntime>>,
+    metrics: Metrics,
+    health: Arc<Health>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").field("slot", &self.config.postgres.slot).finish_non_exhaustive()
+    }
+}
+
+impl Producer {
+    pub fn new(config: ProducerConfig, metrics: Metrics, health: Arc<Health>) -> Result<Self, ProducerError> {
+        config.validate()?;
+        let pg = config.pg_connection()?;
+        let tables = config
+            .table_specs()?
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                TableRuntime::new(i, spec)
+                    .map(Arc::new)
+                    .ok_or_else(|| ProducerError::Config("contract version vanished".into()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Producer {
+            config,
+            pg,
+            tables,
+            metrics,
+            health,
+        })
+    }
+
+    /// Runs sessions until `cancel` fires (then drains and returns `Ok`) or a definite error.
+    pub async fn run(&self, cancel: CancellationToken) -> Result<(), ProducerError> {
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let started = Instant::now();
+            let span = tracing::info_span!("session", slot = %self.config.postgres.slot);
+            match self.session(&cancel).instrument(span).await {
+                Ok(()) => return Ok(()),
+                Err(e) if e.is_transient() && !cancel.is_cancelled() => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        backoff = Duration::from_millis(500);
+                    }
+                    self.metrics.restarts.with_label_values(&["transient"]).inc();
+                    self.health.set_not_ready(format!("restarting after: {e}"));
+                    let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
+                    tracing::warn!(error = %e, retry_in_ms = (backoff + jitter).as_millis() as u64, "session failed; retrying");
+                    tokio::select! {
+                        _ = cancel.cancelled() => return Ok(()),
+                        _ = tokio::time::sleep(backoff + jitter) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                }
+                Err(e) if cancel.is_cancelled() && e.is_transient() => {
+                    tracing::warn!(error = %e, "session ended during shutdown");
+                    return Err(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn replication_config(&self) -> ReplicationConfig {
+        let p = &self.config.pipeline;
+        ReplicationConfig::new(
+            self.pg.host.clone(),
+            self.pg.user.clone(),
+            self.pg.password.expose().to_string(),
+            self.pg.database.clone(),
+            self.config.postgres.slot.clone(),
+            self.config.postgres.publication.as_str(),
+        )
+        .with_port(self.pg.port)
+        .with_status_interval(p.status_interval)
+        .with_wakeup_interval(Duration::from_secs(10))
+        .with_buffer_size(8192)
+        // Text output the contract parsers expect, whatever the server's defaults.
+        .with_options("-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex")
+        .with_application_name(format!("walcache-producer-{}", self.config.postgres.slot))
+    }
+
+    async fn session(&self, cancel: &CancellationToken) -> Result<(), ProducerError> {
+        let slot = self.config.postgres.slot.as_str();
+        self.health.set_not_ready("connecting to Postgres");
+        let control = Control::connect(&self.pg, &format!("walcache-producer-{slot}-control")).await?;
+
+        // One leader per slot: the others wait here and take over when it goes.
+        let mut announced = false;
+        while !control.try_lock_leader(slot).await? {
+            if !announced {
+                let holder = control.leader_pid(slot).await?;
+                tracing::info!(holder_pid = ?holder, "another producer leads this slot; standing by to take over");
+                self.health.set_not_ready("standby: another producer leads this slot");
+                announced = true;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = control.lost.cancelled() => return Err(lost_control()),
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        let _leader = LeaderGauge::new(&self.metrics);
+        tracing::info!("leading the slot");
+
+        check::require_streaming_prerequisites(&control, &self.pg, &self.config, &self.tables).await?;
+        let specs: Vec<_> = self.tables.iter().map(|t| t.spec.clone()).collect();
+        control.ensure_publication(&self.config.postgres.publication, &specs).await?;
+
+        let kafka = &self.config.kafka;
+        let metadata = Metadata::new(kafka, &format!("walcache-producer-{slot}"))?;
+        ensure_topics(kafka, &metadata, &self.topic_specs()).await?;
+        let mut topics: Vec<String> = self.tables.iter().map(|t| t.spec.topic.clone()).collect();
+        topics.push(self.config.topics.dead_letter.clone());
+        let mut sink = Sink::new(
+            kafka,
+            slot,
+            topics,
+            &self.config.topics.watermarks,
+            self.config.pipeline.max_in_flight,
+            self.metrics.clone(),
+        )?;
+        sink.init_offsets(&metadata).await?;
+        let mut emitter = Emitter::new(&self.tables, self.tables.len(), slot, self.metrics.clone());
+
+        let marker = state::last_watermark(kafka, &metadata, &self.config.topics.watermarks, slot).await?;
+        let existing = control.slot_info(slot).await?;
+        if let Some(info) = &existing {
+            let plugin_ok = info.plugin.as_deref() == Some("pgoutput");
+            let db_ok = info.database.as_deref() == Some(self.pg.database.as_str());
+            if !plugin_ok || !db_ok {
+                return Err(ProducerError::Prerequisite {
+                    problem: format!(
+                        "slot {slot} exists for database {:?} with plugin {:?}",
+                        info.database, info.plugin
+                    ),
+                    fix: format!("walcache needs a pgoutput slot in {}: choose another postgres.slot or drop this one", self.pg.database),
+                });
+            }
+        }
+        let resumable = existing.is_some() && marker.as_ref().is_some_and(|m| m.state == ProducerState::Streaming);
+        let client = if resumable {
+            tracing::info!(confirmed = ?existing.as_ref().and_then(|s| s.confirmed_flush), "resuming from the slot's confirmed position");
+            let mut client = ReplicationClient::connect(self.replication_config())
+                .await
+                .map_err(|e| ProducerError::repl("connecting for replication", e))?;
+            client.wait_started().await.map_err(|e| ProducerError::repl("starting replication", e))?;
+            client
+        } else {
+            if existing.is_some() {
+                tracing::warn!("the slot exists but its initial snapshot never completed; dropping the slot and starting over");
+                control.drop_slot(slot).await?;
+            } else if marker.is_some() {
+                tracing::warn!("the slot is gone (dropped?); creating a new one, which needs a new initial snapshot");
+            }
+            self.create_slot_and_snapshot(&mut sink, &mut emitter, cancel).await?
+        };
+        self.stream(client, &control, sink, emitter, cancel).await
+    }
+
+    fn topic_specs(&self) -> Vec<TopicSpec> {
+        let t = &self.config.topics;
+        let mut specs: Vec<TopicSpec> = self
+            .tables
+            .iter()
+            .map(|table| TopicSpec {
+                name: table.spec.topic.clone(),
+                partitions: t.partitions,
+                replication_factor: t.replication_factor,
+                configs: vec![("cleanup.policy".into(), "compact".into())],
+            })
+            .collect();
+        specs.push(TopicSpec {
+            name: t.watermarks.clone(),
+            partitions: 1,
+            replication_factor: t.replication_factor,
+            configs: vec![("cleanup.policy".into(), "compact".into())],
+        });
+        specs.push(TopicSpec {
+            name: t.dead_letter.clone(),
+            partitions: 1,
+            replication_factor: t.replication_factor,
+            configs: vec![("cleanup.policy".into(), "delete".into())],
+        });
+        specs
+    }
+
+    /// Creates the slot (with an exported snapshot), copies the tables inside that snapshot,
+    /// records completion, then starts streaming on the same replication session.
+    async fn create_slot_and_snapshot(
+        &self,
+        sink: &mut Sink,
+        emitter: &mut Emitter,
+        cancel: &CancellationToken,
+    ) -> Result<ReplicationClient, ProducerError> {
+        let slot = &self.config.postgres.slot;
+        let mode = self.config.snapshot.mode;
+        // Recorded before the slot exists: a crash after creating it leaves "snapshotting",
+        // so the next run knows the slot's snapshot is incomplete.
+        let start = Checkpoint {
+            lsn: Lsn::ZERO,
+            commit_ts_micros: now_micros(),
+            kind: CheckpointKind::Snapshot,
+        };
+        sink.publish_watermark(&sink.watermark(&start, ProducerState::Snapshotting), true).await?;
+
+        let mut client = ReplicationClient::connect_gated(self.replication_config())
+            .await
+            .map_err(|e| ProducerError::repl("connecting for replication", e))?;
+        let export = if mode == SnapshotMode::Initial { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
+        let rows = client
+            .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {export}", quote_ident(slot)))
+            .await
+            .map_err(|e| ProducerError::repl(format!("creating slot {slot}"), e))?;
+        let row = rows.first().ok_or_else(|| ProducerError::Config("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let text = |i: usize| row.get(i).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned());
+        let consistent_point = parse_lsn(&text(1).unwrap_or_default())?;
+        let snapshot_ts = now_micros();
+        tracing::info!(%consistent_point, "created the replication slot");
+
+        if mode == SnapshotMode::Initial {
+            let snapshot_name = text(2).ok_or_else(|| ProducerError::Config("the slot exported no snapshot".into()))?;
+            self.health.set_not_ready("initial snapshot in progress");
+            let started = Instant::now();
+            let mut total = 0;
+            for table in &self.tables {
+                let copied = snapshot::copy_table(
+                    &self.pg,
+                    &snapshot_name,
+                    table,
+                    consistent_point,
+                    snapshot_ts,
+                    sink,
+                    emitter,
+                    &self.metrics,
+                    cancel,
+                )
+                .instrument(tracing::info_span!("snapshot", table = %table.qualified))
+                .await?;
+                total += copied.rows;
+            }
+            sink.flush(tokio::time::Instant::now() + Duration::from_secs(3600)).await?;
+            tracing::info!(rows = total, secs = started.elapsed().as_secs_f64(), "initial snapshot delivered");
+        }
+        let done = Checkpoint {
+            lsn: consistent_point,
+            commit_ts_micros: snapshot_ts,
+            kind: CheckpointKind::Snapshot,
+        };
+        sink.take_completed();
+        sink.publish_watermark(&sink.watermark(&done, ProducerState::Streaming), true).await?;
+        client.start().await.map_err(|e| ProducerError::repl("starting replication", e))?;
+        client.wait_started().await.map_err(|e| ProducerError::repl("starting replication", e))?;
+        Ok(client)
+    }
+
+    async fn stream(
+        &self,
+        mut client: ReplicationClient,
+        control: &Control,
+        mut sink: Sink,
+        mut emitter: Emitter,
+        cancel: &CancellationToken,
+    ) -> Result<(), ProducerError> {
+        let tasks = TaskTracker::new();
+        let background = cancel.child_token();
+        tasks.spawn(
+            background_chores(control.clone(), self.config.clone(), self.metrics.clone(), background.clone())
+                .instrument(tracing::info_span!("chores")),
+        );
+        self.health.set_ready();
+        tracing::info!("streaming changes");
+        let mut stream = Stream {
+            producer: self,
+            bindings: HashMap::new(),
+            tuples: Tuples::default(),
+            tx: None,
+            last_queued: Lsn::ZERO,
+            unpublished: None,
+            last_watermark: Instant::now(),
+            confirmed: None,
+        };
+        let result = stream.run(&mut client, control, &mut sink, &mut emitter, cancel).await;
+        let result = match result {
+            Ok(()) => stream.drain(&mut client, control, &mut sink).await,
+            Err(e) => Err(e),
+        };
+        background.cancel();
+        tasks.close();
+        tasks.wait().await;
+        client.stop();
+        self.health.set_not_ready("stopped");
+        result
+    }
+}
+
+/// Sets the leader gauge while alive.
+struct LeaderGauge(prometheus::IntGauge);
+
+impl LeaderGauge {
+    fn new(metrics: &Metrics) -> Self {
+        metrics.leader.set(1);
+        LeaderGauge(metrics.leader.clone())
+    }
+}
+
+impl Drop for LeaderGauge {
+    fn drop(&mut self) {
+        self.0.set(0);
+    }
+}
+
+fn lost_control() -> ProducerError {
+    ProducerError::Common(walcache_common::CommonError::Io {
+        context: "the control connection to Postgres ended, and with it the leader lock".into(),
+        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "control connection lost"),
+    })
+}
+
+/// Heartbeats through the WAL and slot-lag measurement, beside the stream.
+async fn background_chores(control: Control, config: ProducerConfig, metrics: Metrics, cancel: CancellationToken) {
+    let slot = config.postgres.slot.clone();
+    let mut heartbeat = tokio::time::interval(config.pipeline.heartbeat_interval);
+    let mut lag = tokio::time::interval(config.pipeline.lag_interval);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    lag.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = heartbeat.tick() => {
+                if let Err(e) = control.emit_heartbeat(&slot).await {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                }
+            }
+            _ = lag.tick() => match control.slot_lag_bytes(&slot).await {
+                Ok(Some(bytes)) => metrics.slot_lag_bytes.set(bytes),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "measuring slot lag failed"),
+            },
+        }
+    }
+}
+
+/// State of the streaming loop.
+struct Stream<'p> {
+    producer: &'p Producer,
+    bindings: HashMap<u32, Binding>,
+    tuples: Tuples,
+    /// Position of the next change of the open transaction.
+    tx: Option<Position>,
+    /// Highest LSN queued as a checkpoint.
+    last_queued: Lsn,
+    unpublished: Option<Checkpoint>,
+    last_watermark: Instant,
+    /// The newest checkpoint confirmed to the slot.
+    confirmed: Option<Checkpoint>,
+}
+
+fn to_unix_micros(pg_micros: i64) -> i64 {
+    pg_micros.saturating_add(PG_EPOCH_OFFSET_MICROS)
+}
+
+impl Stream<'_> {
+    async fn run(
+        &mut self,
+        client: &mut ReplicationClient,
+        control: &Control,
+        sink: &mut Sink,
+        emitter: &mut Emitter,
+        cancel: &CancellationToken,
+    ) -> Result<(), ProducerError> {
+        let mut ticker = tokio::time::interval(self.producer.config.pipeline.watermark_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if let Some(cp) = sink.take_completed() {
+                self.confirmable(client, sink, cp).await?;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = control.lost.cancelled() => return Err(lost_control()),
+                done = sink.wait_completions(), if sink.has_pending() => { done?; }
+                event = client.recv(), if sink.has_room() => match event {
+                    Ok(Some(event)) => self.handle(event, sink, emitter).await?,
+                    Ok(None) => {
+                        return Err(ProducerError::repl(
+                            "the replication stream ended",
+                            pgwire_replication::PgWireError::Task("stream closed by the server".into()),
+                        ));
+                    }
+                    Err(e) => return Err(ProducerError::repl("receiving changes", e)),
+                },
+                _ = ticker.tick() => self.publish_pending(sink).await?,
+            }
+        }
+    }
+
+    async fn handle(&mut self, event: ReplicationEvent, sink: &mut Sink, emitter: &mut Emitter) -> Result<(), ProducerError> {
+        match event {
+            ReplicationEvent::Begin {
+                final_lsn,
+                xid,
+                commit_time_micros,
+            } => {
+                self.tx = Some(Position {
+                    lsn: Lsn(final_lsn.as_u64()),
+                    index: 0,
+                    txid: u64::from(xid),
+                    commit_ts_micros: to_unix_micros(commit_time_micros),
+                    snapshot: false,
+                });
+            }
+            ReplicationEvent::Commit {
+                end_lsn,
+                commit_time_micros,
+                ..
+            } => {
+                self.tx = None;
+                let lsn = Lsn(end_lsn.as_u64());
+                self.last_queued = self.last_queued.max(lsn);
+                sink.checkpoint(Checkpoint {
+                    lsn,
+                    commit_ts_micros: to_unix_micros(commit_time_micros),
+                    kind: CheckpointKind::Commit,
+                });
+            }
+            ReplicationEvent::XLogData { data, .. } => self.change(&data, sink, emitter).await?,
+            ReplicationEvent::KeepAlive {
+                wal_end,
+                server_time_micros,
+                ..
+            } => {
+                // Between transactions everything before wal_end has been sent to us, so once
+                // it is all in Kafka the view is complete up to wal_end.
+                let lsn = Lsn(wal_end.as_u64());
+                if self.tx.is_none() && lsn > self.last_queued {
+                    self.last_queued = lsn;
+                    sink.checkpoint(Checkpoint {
+                        lsn,
+                        commit_ts_micros: to_unix_micros(server_time_micros),
+                        kind: CheckpointKind::Idle,
+                    });
+                }
+            }
+            ReplicationEvent::Message { prefix, .. } => {
+                if prefix != HEARTBEAT_PREFIX {
+                    tracing::trace!(%prefix, "ignoring a logical message");
+                }
+            }
+            ReplicationEvent::StoppedAt { .. } => {}
+        }
+        Ok(())
+    }
+
+    async fn change(&mut self, data: &[u8], sink: &mut Sink, emitter: &mut Emitter) -> Result<(), ProducerError> {
+        let change = pgoutput::decode(data, &mut self.tuples)?;
+        let relation = match &change {
+            Change::Relation(r) => {
+                self.bind(r.clone());
+                return Ok(());
+            }
+            Change::Insert { relation } | Change::Update { relation, .. } | Change::Delete { relation, .. } => *relation,
+            Change::Truncate { relations, .. } => {
+                let mut position = self.open_tx()?;
+                for oid in relations {
+                    if let Some(b) = self.bindings.get(oid) {
+                        tracing::warn!(table = %b.table.qualified, lsn = %position.lsn, "table truncated; consumers drop its older rows");
+                        emitter.truncate(sink, &b.table, &mut position).await?;
+                    }
+                }
+                self.tx = Some(position);
+                return Ok(());
+            }
+            Change::Ignored(_) => return Ok(()),
+        };
+        let Some(binding) = self.bindings.get(&relation) else {
+            // A table in the publication that walcache is not configured for.
+            return Ok(());
+        };
+        let mut position = self.open_tx()?;
+        let t = &self.tuples;
+        match change {
+            Change::Insert { .. } => {
+                emitter.upsert(sink, binding, Op::Insert, data, &t.new, None, &mut position).await?;
+            }
+            Change::Update { old_kind, .. } => {
+                let old = old_kind.map(|k| (k, &t.old[..]));
+                emitter.upsert(sink, binding, Op::Update, data, &t.new, old, &mut position).await?;
+            }
+            Change::Delete { old_kind, .. } => {
+                emitter.delete(sink, binding, data, old_kind, &t.old, &mut position).await?;
+            }
+            Change::Relation(_) | Change::Truncate { .. } | Change::Ignored(_) => {}
+        }
+        self.tx = Some(position);
+        Ok(())
+    }
+
+    fn open_tx(&self) -> Result<Position, ProducerError> {
+        self.tx
+            .ok_or_else(|| ProducerError::Decode(pgoutput::DecodeError("a change arrived outside a transaction".into())))
+    }
+
+    fn bind(&mut self, relation: pgoutput::Relation) {
+        let qualified = relation.qualified_name();
+        let Some(table) = self.producer.tables.iter().find(|t| t.qualified == qualified) else {
+            self.bindings.remove(&relation.oid);
+            return;
+        };
+        let oid = relation.oid;
+        let (binding, warnings) = Binding::new(Arc::clone(table), relation);
+        for w in warnings {
+            self.producer.metrics.schema_warnings.with_label_values(&[&table.qualified, w.kind()]).inc();
+            match &w {
+                crate::binding::BindingWarning::ExtraColumn(c) => {
+                    tracing::warn!(table = %qualified, column = %c, "column is not in the contract; ignored")
+                }
+                other => tracing::error!(
+                    table = %qualified,
+                    problem = ?other,
+                    "table no longer matches its contract; its rows go to the dead-letter topic until the table or contract is fixed"
+                ),
+            }
+        }
+        self.bindings.insert(oid, binding);
+    }
+
+    /// A checkpoint whose every earlier message is in Kafka: confirm it to the slot.
+    async fn confirmable(&mut self, client: &ReplicationClient, sink: &mut Sink, cp: Checkpoint) -> Result<(), ProducerError> {
+        client.update_applied_lsn(pgwire_replication::Lsn::from_u64(cp.lsn.0));
+        let m = &self.producer.metrics;
+        m.confirmed_lsn.set(cp.lsn.0 as f64);
+        if cp.kind == CheckpointKind::Commit {
+            m.transactions.inc();
+            m.commit_to_ack_seconds
+                .observe(((now_micros() - cp.commit_ts_micros).max(0) as f64) / 1e6);
+        }
+        self.unpublished = Some(cp);
+        self.confirmed = Some(cp);
+        if self.last_watermark.elapsed() >= self.producer.config.pipeline.watermark_interval {
+            self.publish_pending(sink).await?;
+        }
+        Ok(())
+    }
+
+    async fn publish_pending(&mut self, sink: &mut Sink) -> Result<(), ProducerError> {
+        if let Some(cp) = self.unpublished.take() {
+            sink.publish_watermark(&sink.watermark(&cp, ProducerState::Streaming), false).await?;
+            self.last_watermark = Instant::now();
+        }
+        Ok(())
+    }
+
+    /// SIGTERM: nothing more is read; what is in flight is delivered and confirmed.
+    async fn drain(&mut self, client: &mut ReplicationClient, control: &Control, sink: &mut Sink) -> Result<(), ProducerError> {
+        let cfg = &self.producer.config;
+        let deadline = tokio::time::Instant::now() + cfg.pipeline.shutdown_timeout;
+        tracing::info!("draining: flushing in-flight messages to Kafka");
+        sink.flush(deadline).await?;
+        if let Some(cp) = sink.take_completed() {
+            self.confirmable(client, sink, cp).await?;
+        }
+        self.publish_pending(sink).await?;
+        if let Some(cp) = self.confirmed {
+            tracing::info!(lsn = %cp.lsn, "waiting for the slot to show the confirmed position");
+            control.wait_confirmed(&cfg.postgres.slot, cp.lsn, deadline).await?;
+            tracing::info!(lsn = %cp.lsn, "slot confirmed; shutdown complete");
+        } else {
+            tracing::info!("nothing new to confirm; shutdown complete");
+        }
+        sink.flush_client(Duration::from_secs(2));
+        Ok(())
+    }
+}
