@@ -39,7 +39,9 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>) -> Result<T, CommonError> 
             .filter(|key| key.as_str().contains("__"))
             .split("__"),
     );
-    figment.extract().map_err(|e| CommonError::Config(describe_figment_error(e)))
+    figment
+        .extract()
+        .map_err(|e| CommonError::Config(describe_figment_error(e)))
 }
 
 fn describe_figment_error(e: figment::Error) -> String {

@@ -65,7 +65,9 @@ pub struct Metadata {
 
 impl std::fmt::Debug for Metadata {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metadata").field("timeout", &self.timeout).finish_non_exhaustive()
+        f.debug_struct("Metadata")
+            .field("timeout", &self.timeout)
+            .finish_non_exhaustive()
     }
 }
 
@@ -73,10 +75,15 @@ impl Metadata {
     pub fn new(kafka: &KafkaConfig, client_id: &str) -> Result<Self, CommonError> {
         let cfg = client_config(
             kafka,
-            &[("client.id", client_id.to_string()), ("group.id", format!("{client_id}-metadata"))],
+            &[
+                ("client.id", client_id.to_string()),
+                ("group.id", format!("{client_id}-metadata")),
+            ],
             &[],
         )?;
-        let consumer: BaseConsumer = cfg.create().map_err(|e| CommonError::kafka("creating a metadata client", e))?;
+        let consumer: BaseConsumer = cfg
+            .create()
+            .map_err(|e| CommonError::kafka("creating a metadata client", e))?;
         Ok(Metadata {
             consumer: Arc::new(consumer),
             timeout: kafka.request_timeout,
@@ -88,16 +95,21 @@ impl Metadata {
         let consumer = Arc::clone(&self.consumer);
         let topic_name = topic.to_string();
         let timeout = self.timeout;
-        let result = tokio::task::spawn_blocking(move || consumer.fetch_metadata(Some(&topic_name), timeout))
-            .await
-            .map_err(|e| CommonError::Config(format!("metadata task failed: {e}")))?;
-        let metadata = result.map_err(|e| CommonError::kafka(format!("fetching metadata of topic {topic}"), e))?;
+        let result = tokio::task::spawn_blocking(move || {
+            consumer.fetch_metadata(Some(&topic_name), timeout)
+        })
+        .await
+        .map_err(|e| CommonError::Config(format!("metadata task failed: {e}")))?;
+        let metadata = result
+            .map_err(|e| CommonError::kafka(format!("fetching metadata of topic {topic}"), e))?;
         let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
             return Ok(Vec::new());
         };
         if let Some(err) = t.error() {
             let code = RDKafkaErrorCode::from(err);
-            if code == RDKafkaErrorCode::UnknownTopicOrPartition || code == RDKafkaErrorCode::UnknownTopic {
+            if code == RDKafkaErrorCode::UnknownTopicOrPartition
+                || code == RDKafkaErrorCode::UnknownTopic
+            {
                 return Ok(Vec::new());
             }
         }
@@ -111,10 +123,12 @@ impl Metadata {
         let consumer = Arc::clone(&self.consumer);
         let topic_name = topic.to_string();
         let timeout = self.timeout;
-        tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic_name, partition, timeout))
-            .await
-            .map_err(|e| CommonError::Config(format!("watermark task failed: {e}")))?
-            .map_err(|e| CommonError::kafka(format!("fetching watermarks of {topic}/{partition}"), e))
+        tokio::task::spawn_blocking(move || {
+            consumer.fetch_watermarks(&topic_name, partition, timeout)
+        })
+        .await
+        .map_err(|e| CommonError::Config(format!("watermark task failed: {e}")))?
+        .map_err(|e| CommonError::kafka(format!("fetching watermarks of {topic}/{partition}"), e))
     }
 
     /// High watermarks of every partition of `topic`.
@@ -140,7 +154,11 @@ impl Metadata {
 
 /// Creates the topics that are missing (existing ones are left as they are) and waits until
 /// the brokers list each with its partitions.
-pub async fn ensure_topics(kafka: &KafkaConfig, metadata: &Metadata, specs: &[TopicSpec]) -> Result<(), CommonError> {
+pub async fn ensure_topics(
+    kafka: &KafkaConfig,
+    metadata: &Metadata,
+    specs: &[TopicSpec],
+) -> Result<(), CommonError> {
     let mut missing = Vec::new();
     for spec in specs {
         if metadata.partitions(&spec.name).await?.is_empty() {
@@ -156,7 +174,11 @@ pub async fn ensure_topics(kafka: &KafkaConfig, metadata: &Metadata, specs: &[To
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|s| {
-            let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication_factor));
+            let mut t = NewTopic::new(
+                &s.name,
+                s.partitions,
+                TopicReplication::Fixed(s.replication_factor),
+            );
             for (k, v) in &s.configs {
                 t = t.set(k, v);
             }

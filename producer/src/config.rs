@@ -193,7 +193,10 @@ impl PgConnection {
 
     /// Where we connect, without secrets, for messages.
     pub fn describe(&self) -> String {
-        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.database)
+        format!(
+            "{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
     }
 }
 
@@ -219,7 +222,11 @@ impl ProducerConfig {
         self.kafka.validate()?;
         self.pg_connection()?;
         self.table_specs()?;
-        let ident_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        let ident_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        };
         if !ident_ok(&self.postgres.slot) {
             return Err(ProducerError::Config(format!(
                 "postgres.slot {:?}: use lower-case letters, digits and underscores (Postgres slot name rules)",
@@ -233,10 +240,14 @@ impl ProducerConfig {
             )));
         }
         if self.topics.partitions < 1 || self.topics.replication_factor < 1 {
-            return Err(ProducerError::Config("topics.partitions and topics.replication_factor must be at least 1".into()));
+            return Err(ProducerError::Config(
+                "topics.partitions and topics.replication_factor must be at least 1".into(),
+            ));
         }
         if self.pipeline.max_in_flight < 1 {
-            return Err(ProducerError::Config("pipeline.max_in_flight must be at least 1".into()));
+            return Err(ProducerError::Config(
+                "pipeline.max_in_flight must be at least 1".into(),
+            ));
         }
         if self.pipeline.status_interval > Duration::from_secs(30) {
             return Err(ProducerError::Config(
@@ -249,7 +260,9 @@ impl ProducerConfig {
     /// The Postgres connection with its password resolved from env or file.
     pub fn pg_connection(&self) -> Result<PgConnection, ProducerError> {
         let parsed: tokio_postgres::Config = self.postgres.url.expose().parse().map_err(|e| {
-            ProducerError::Config(format!("postgres.url does not parse ({e}); expected postgres://user@host:port/database"))
+            ProducerError::Config(format!(
+                "postgres.url does not parse ({e}); expected postgres://user@host:port/database"
+            ))
         })?;
         let host = match parsed.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(h)) => h.clone(),
@@ -257,12 +270,20 @@ impl ProducerConfig {
             None => "localhost".into(),
         };
         let port = parsed.get_ports().first().copied().unwrap_or(5432);
-        let user = parsed
-            .get_user()
+        let user = parsed.get_user().map(str::to_string).ok_or_else(|| {
+            ProducerError::Config(
+                "postgres.url names no user; use postgres://user@host/database".into(),
+            )
+        })?;
+        let database = parsed
+            .get_dbname()
             .map(str::to_string)
-            .ok_or_else(|| ProducerError::Config("postgres.url names no user; use postgres://user@host/database".into()))?;
-        let database = parsed.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
-        let password = match (&self.postgres.password, &self.postgres.password_file, parsed.get_password()) {
+            .unwrap_or_else(|| user.clone());
+        let password = match (
+            &self.postgres.password,
+            &self.postgres.password_file,
+            parsed.get_password(),
+        ) {
             (Some(p), _, _) => p.clone(),
             (None, Some(file), _) => Secret::from_file(file)?,
             (None, None, Some(p)) => Secret::new(String::from_utf8_lossy(p).into_owned()),
@@ -280,35 +301,57 @@ impl ProducerConfig {
     /// The configured tables resolved against the contracts.
     pub fn table_specs(&self) -> Result<Vec<TableSpec>, ProducerError> {
         if self.tables.is_empty() {
-            return Err(ProducerError::Config("no [[tables]] configured; add at least one table and its contract".into()));
+            return Err(ProducerError::Config(
+                "no [[tables]] configured; add at least one table and its contract".into(),
+            ));
         }
         let registry = Registry::builtin()?;
         let mut specs: Vec<TableSpec> = Vec::new();
         for t in &self.tables {
             let (schema, name) = t.table.split_once('.').ok_or_else(|| {
-                ProducerError::Config(format!("tables.table {:?}: write it schema-qualified, like public.{}", t.table, t.table))
+                ProducerError::Config(format!(
+                    "tables.table {:?}: write it schema-qualified, like public.{}",
+                    t.table, t.table
+                ))
             })?;
-            let contract = registry.contract(&t.contract).map_err(|e| ProducerError::Config(format!("table {}: {e}", t.table)))?;
+            let contract = registry
+                .contract(&t.contract)
+                .map_err(|e| ProducerError::Config(format!("table {}: {e}", t.table)))?;
             let version = match t.contract_version {
-                Some(v) => contract
-                    .version(v)
-                    .ok_or_else(|| {
-                        ProducerError::Config(format!(
-                            "table {}: contract {} has no version {v} (known: {})",
-                            t.table,
-                            contract.name,
-                            contract.versions.iter().map(|v| v.version.to_string()).collect::<Vec<_>>().join(", ")
-                        ))
-                    })?
-                    .version,
+                Some(v) => {
+                    contract
+                        .version(v)
+                        .ok_or_else(|| {
+                            ProducerError::Config(format!(
+                                "table {}: contract {} has no version {v} (known: {})",
+                                t.table,
+                                contract.name,
+                                contract
+                                    .versions
+                                    .iter()
+                                    .map(|v| v.version.to_string())
+                                    .collect::<Vec<_>>()
+                                    .join(", ")
+                            ))
+                        })?
+                        .version
+                }
                 None => contract.latest().version,
             };
-            let topic = t.topic.clone().unwrap_or_else(|| format!("{}.{}.{}", self.topics.prefix, schema, name));
+            let topic = t
+                .topic
+                .clone()
+                .unwrap_or_else(|| format!("{}.{}.{}", self.topics.prefix, schema, name));
             if specs.iter().any(|s| s.qualified() == t.table) {
-                return Err(ProducerError::Config(format!("table {} is configured twice", t.table)));
+                return Err(ProducerError::Config(format!(
+                    "table {} is configured twice",
+                    t.table
+                )));
             }
             if specs.iter().any(|s| s.topic == topic) {
-                return Err(ProducerError::Config(format!("topic {topic} is used by two tables")));
+                return Err(ProducerError::Config(format!(
+                    "topic {topic} is used by two tables"
+                )));
             }
             specs.push(TableSpec {
                 schema: schema.to_string(),
@@ -353,7 +396,10 @@ mod tests {
         let cfg = base();
         cfg.validate().expect("valid");
         let conn = cfg.pg_connection().expect("conn");
-        assert_eq!((conn.host.as_str(), conn.port, conn.database.as_str()), ("db", 5433, "incentives"));
+        assert_eq!(
+            (conn.host.as_str(), conn.port, conn.database.as_str()),
+            ("db", 5433, "incentives")
+        );
         let specs = cfg.table_specs().expect("specs");
         assert_eq!(specs[0].topic, "incentives.public.courier_performance");
         assert_eq!(specs[0].version, 2);
@@ -364,22 +410,40 @@ mod tests {
         let mut cfg = base();
         cfg.tables[0].contract = "nope".into();
         let e = cfg.validate().expect_err("unknown contract").to_string();
-        assert!(e.contains("unknown contract") && e.contains("courier_performance"), "{e}");
+        assert!(
+            e.contains("unknown contract") && e.contains("courier_performance"),
+            "{e}"
+        );
 
         let mut cfg = base();
         cfg.tables[0].table = "courier_performance".into();
-        assert!(cfg.validate().expect_err("unqualified").to_string().contains("schema-qualified"));
+        assert!(
+            cfg.validate()
+                .expect_err("unqualified")
+                .to_string()
+                .contains("schema-qualified")
+        );
 
         let mut cfg = base();
         cfg.postgres.slot = "Bad-Slot".into();
-        assert!(cfg.validate().expect_err("slot").to_string().contains("postgres.slot"));
+        assert!(
+            cfg.validate()
+                .expect_err("slot")
+                .to_string()
+                .contains("postgres.slot")
+        );
 
         let unknown = figment::Figment::new()
             .merge(figment::providers::Toml::string(
                 "[postgres]\nurl='postgres://u@h/d'\nslott='x'\n[kafka]\nbootstrap_servers='k:1'\n[[tables]]\ntable='public.t'\ncontract='courier_performance'",
             ))
             .extract::<ProducerConfig>();
-        assert!(unknown.expect_err("unknown field").to_string().contains("slott"));
+        assert!(
+            unknown
+                .expect_err("unknown field")
+                .to_string()
+                .contains("slott")
+        );
     }
 
     #[test]
@@ -388,6 +452,9 @@ mod tests {
         cfg.postgres.password = Some(Secret::new("s3cret-pw"));
         let shown = format!("{cfg:?} {:?}", cfg.pg_connection().expect("conn"));
         assert!(!shown.contains("s3cret-pw"), "{shown}");
-        assert_eq!(cfg.pg_connection().expect("conn").password.expose(), "s3cret-pw");
+        assert_eq!(
+            cfg.pg_connection().expect("conn").password.expose(),
+            "s3cret-pw"
+        );
     }
 }

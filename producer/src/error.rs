@@ -49,7 +49,9 @@ pub enum ProducerError {
     Common(#[from] CommonError),
 
     /// A message could not be delivered (after librdkafka's own retries).
-    #[error("kafka delivery to {topic} failed: {source}; the session restarts from the last confirmed LSN")]
+    #[error(
+        "kafka delivery to {topic} failed: {source}; the session restarts from the last confirmed LSN"
+    )]
     Delivery {
         topic: String,
         #[source]
@@ -61,8 +63,14 @@ pub enum ProducerError {
     Schema(#[from] SchemaError),
 
     /// The slot did not confirm the delivered position before the shutdown deadline.
-    #[error("slot {slot} still shows {shown} after the shutdown deadline (wanted {wanted}); those changes will be sent again on restart")]
-    ConfirmTimeout { slot: String, shown: String, wanted: String },
+    #[error(
+        "slot {slot} still shows {shown} after the shutdown deadline (wanted {wanted}); those changes will be sent again on restart"
+    )]
+    ConfirmTimeout {
+        slot: String,
+        shown: String,
+        wanted: String,
+    },
 }
 
 impl ProducerError {
@@ -115,9 +123,15 @@ fn replication_is_transient(e: &PgWireError) -> bool {
     match e {
         PgWireError::Server(msg) => {
             // The server's SQLSTATE is in the message ("... (SQLSTATE 55006)").
-            ["SQLSTATE 08", "SQLSTATE 53", "SQLSTATE 57", "SQLSTATE 55006", "SQLSTATE 40"]
-                .iter()
-                .any(|code| msg.contains(code))
+            [
+                "SQLSTATE 08",
+                "SQLSTATE 53",
+                "SQLSTATE 57",
+                "SQLSTATE 55006",
+                "SQLSTATE 40",
+            ]
+            .iter()
+            .any(|code| msg.contains(code))
         }
         PgWireError::Auth(_) | PgWireError::Tls(_) => false,
         _ => true,

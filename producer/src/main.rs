@@ -11,7 +11,11 @@ use walcache_common::{shutdown, telemetry};
 use walcache_producer::{Metrics, Producer, ProducerConfig, check};
 
 #[derive(Parser)]
-#[command(name = "walcache-producer", version, about = "Postgres logical replication slot -> Kafka change events")]
+#[command(
+    name = "walcache-producer",
+    version,
+    about = "Postgres logical replication slot -> Kafka change events"
+)]
 struct Cli {
     /// TOML configuration file; WALCACHE_* variables override it (WALCACHE_POSTGRES__URL ...).
     #[arg(long, short, env = "WALCACHE_CONFIG", global = true)]

@@ -99,12 +99,24 @@ pub enum OldTuple {
 pub enum Change {
     Relation(Relation),
     /// `new` holds the new tuple.
-    Insert { relation: u32 },
+    Insert {
+        relation: u32,
+    },
     /// `new` holds the new tuple; `old` the old one when `old_kind` is set.
-    Update { relation: u32, old_kind: Option<OldTuple> },
+    Update {
+        relation: u32,
+        old_kind: Option<OldTuple>,
+    },
     /// `old` holds the key or the old row.
-    Delete { relation: u32, old_kind: OldTuple },
-    Truncate { relations: Vec<u32>, cascade: bool, restart_identity: bool },
+    Delete {
+        relation: u32,
+        old_kind: OldTuple,
+    },
+    Truncate {
+        relations: Vec<u32>,
+        cascade: bool,
+        restart_identity: bool,
+    },
     /// Type, Origin and other messages walcache does not act on.
     Ignored(u8),
 }
@@ -155,7 +167,10 @@ impl<'a> Cursor<'a> {
 
     fn cstr(&mut self) -> Result<String, DecodeError> {
         let rest = &self.buf[self.pos..];
-        let end = rest.iter().position(|&b| b == 0).ok_or_else(|| self.err("unterminated string"))?;
+        let end = rest
+            .iter()
+            .position(|&b| b == 0)
+            .ok_or_else(|| self.err("unterminated string"))?;
         let s = String::from_utf8_lossy(&rest[..end]).into_owned();
         self.pos += end + 1;
         Ok(s)
@@ -173,7 +188,9 @@ impl<'a> Cursor<'a> {
                 b'u' => ColumnKind::UnchangedToast,
                 b't' => ColumnKind::Text,
                 b'b' => ColumnKind::Binary,
-                other => return Err(self.err(&format!("unknown tuple column kind {:?}", other as char))),
+                other => {
+                    return Err(self.err(&format!("unknown tuple column kind {:?}", other as char)));
+                }
             };
             let (start, len) = if matches!(kind, ColumnKind::Text | ColumnKind::Binary) {
                 let len = self.i32()?;
@@ -196,7 +213,10 @@ impl<'a> Cursor<'a> {
 
 /// Decodes one pgoutput message (not Begin/Commit/Message, which arrive parsed).
 pub fn decode(message: &[u8], tuples: &mut Tuples) -> Result<Change, DecodeError> {
-    let mut c = Cursor { buf: message, pos: 0 };
+    let mut c = Cursor {
+        buf: message,
+        pos: 0,
+    };
     let tag = c.u8()?;
     let change = match tag {
         b'R' => {
@@ -221,7 +241,11 @@ pub fn decode(message: &[u8], tuples: &mut Tuples) -> Result<Change, DecodeError
             Change::Relation(Relation {
                 oid,
                 // pgoutput sends an empty namespace for pg_catalog only.
-                namespace: if namespace.is_empty() { "pg_catalog".into() } else { namespace },
+                namespace: if namespace.is_empty() {
+                    "pg_catalog".into()
+                } else {
+                    namespace
+                },
                 name,
                 replica_identity,
                 columns,
@@ -240,7 +264,11 @@ pub fn decode(message: &[u8], tuples: &mut Tuples) -> Result<Change, DecodeError
             let mut old_kind = None;
             let mut marker = c.u8()?;
             if marker == b'K' || marker == b'O' {
-                old_kind = Some(if marker == b'K' { OldTuple::Key } else { OldTuple::Full });
+                old_kind = Some(if marker == b'K' {
+                    OldTuple::Key
+                } else {
+                    OldTuple::Full
+                });
                 c.tuple(&mut tuples.old)?;
                 marker = c.u8()?;
             } else {
@@ -372,7 +400,13 @@ pub(crate) mod tests {
         assert_eq!(tuples.new[0].bytes(&upd), b"2");
         assert_eq!(tuples.new[1].kind, ColumnKind::UnchangedToast);
 
-        let trunc = MessageBuilder::default().u8(b'T').i32(2).u8(3).i32(1).i32(2).0;
+        let trunc = MessageBuilder::default()
+            .u8(b'T')
+            .i32(2)
+            .u8(3)
+            .i32(1)
+            .i32(2)
+            .0;
         assert_eq!(
             decode(&trunc, &mut tuples).expect("truncate"),
             Change::Truncate {
@@ -385,7 +419,12 @@ pub(crate) mod tests {
 
     #[test]
     fn truncated_messages_are_errors() {
-        let ins = MessageBuilder::default().u8(b'I').i32(1).u8(b'N').tuple(&[Some("hello")]).0;
+        let ins = MessageBuilder::default()
+            .u8(b'I')
+            .i32(1)
+            .u8(b'N')
+            .tuple(&[Some("hello")])
+            .0;
         let mut tuples = Tuples::default();
         decode(&ins, &mut tuples).expect("whole message decodes");
         for cut in 1..ins.len() {

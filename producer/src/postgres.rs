@@ -46,8 +46,9 @@ impl std::fmt::Debug for Control {
 }
 
 pub(crate) fn parse_lsn(text: &str) -> Result<Lsn, ProducerError> {
-    text.parse()
-        .map_err(|e| ProducerError::Config(format!("server returned an LSN that does not parse: {e}")))
+    text.parse().map_err(|e| {
+        ProducerError::Config(format!("server returned an LSN that does not parse: {e}"))
+    })
 }
 
 impl Control {
@@ -79,7 +80,10 @@ impl Control {
     pub async fn try_lock_leader(&self, slot: &str) -> Result<bool, ProducerError> {
         let row = self
             .client
-            .query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LOCK_CLASS, &slot])
+            .query_one(
+                "SELECT pg_try_advisory_lock($1, hashtext($2))",
+                &[&LOCK_CLASS, &slot],
+            )
             .await
             .map_err(|e| ProducerError::pg("taking the leader lock", e))?;
         Ok(row.get(0))
@@ -130,10 +134,17 @@ impl Control {
     }
 
     /// Creates the publication for the tables, or adds tables it lacks.
-    pub async fn ensure_publication(&self, name: &str, tables: &[TableSpec]) -> Result<(), ProducerError> {
+    pub async fn ensure_publication(
+        &self,
+        name: &str,
+        tables: &[TableSpec],
+    ) -> Result<(), ProducerError> {
         let exists = self
             .client
-            .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
+            .query_opt(
+                "SELECT puballtables FROM pg_publication WHERE pubname = $1",
+                &[&name],
+            )
             .await
             .map_err(|e| ProducerError::pg("reading pg_publication", e))?;
         let quoted = |t: &TableSpec| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
@@ -141,7 +152,10 @@ impl Control {
             None => {
                 let list = tables.iter().map(quoted).collect::<Vec<_>>().join(", ");
                 self.client
-                    .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {list}", quote_ident(name)))
+                    .batch_execute(&format!(
+                        "CREATE PUBLICATION {} FOR TABLE {list}",
+                        quote_ident(name)
+                    ))
                     .await
                     .map_err(|e| publication_error(name, e))?;
                 tracing::info!(publication = name, "created publication");
@@ -159,7 +173,11 @@ impl Control {
                         .map_err(|e| ProducerError::pg("reading pg_publication_tables", e))?;
                     if present.is_none() {
                         self.client
-                            .batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), quoted(t)))
+                            .batch_execute(&format!(
+                                "ALTER PUBLICATION {} ADD TABLE {}",
+                                quote_ident(name),
+                                quoted(t)
+                            ))
                             .await
                             .map_err(|e| publication_error(name, e))?;
                         tracing::info!(publication = name, table = %t.qualified(), "added table to publication");
@@ -174,7 +192,10 @@ impl Control {
     /// slot as a (tiny) transaction with a commit time even when no table changes.
     pub async fn emit_heartbeat(&self, slot: &str) -> Result<(), ProducerError> {
         self.client
-            .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&HEARTBEAT_PREFIX, &slot])
+            .execute(
+                "SELECT pg_logical_emit_message(true, $1, $2)",
+                &[&HEARTBEAT_PREFIX, &slot],
+            )
             .await
             .map_err(|e| ProducerError::pg("writing a heartbeat", e))?;
         Ok(())
@@ -194,7 +215,12 @@ impl Control {
     }
 
     /// Waits until the slot's confirmed_flush_lsn reaches `lsn`, or `deadline` passes.
-    pub async fn wait_confirmed(&self, slot: &str, lsn: Lsn, deadline: tokio::time::Instant) -> Result<(), ProducerError> {
+    pub async fn wait_confirmed(
+        &self,
+        slot: &str,
+        lsn: Lsn,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ProducerError> {
         loop {
             let shown = self.slot_info(slot).await?.and_then(|s| s.confirmed_flush);
             if shown.is_some_and(|s| s >= lsn) {

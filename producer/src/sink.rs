@@ -24,11 +24,14 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use prometheus::IntCounter;
 use rdkafka::error::KafkaError;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::types::RDKafkaErrorCode;
 use walcache_common::config::KafkaConfig;
 use walcache_common::kafka::{Metadata, client_config};
-use walcache_schemas::{Lsn, PartitionOffset, ProducerState, Registry, Watermark, now_micros};
+use walcache_schemas::{
+    Lsn, POSITION_HEADER, PartitionOffset, Position, ProducerState, Registry, Watermark, now_micros,
+};
 
 use crate::ProducerError;
 use crate::metrics::Metrics;
@@ -132,13 +135,23 @@ impl Sink {
                 ("partitioner", "murmur2_random".into()),
             ],
             &[
-                ("acks", "all", "a change is confirmed to Postgres only once every replica has it"),
-                ("enable.idempotence", "true", "retries must not duplicate or reorder a key's events"),
+                (
+                    "acks",
+                    "all",
+                    "a change is confirmed to Postgres only once every replica has it",
+                ),
+                (
+                    "enable.idempotence",
+                    "true",
+                    "retries must not duplicate or reorder a key's events",
+                ),
             ],
         )?;
-        let producer: FutureProducer = cfg
-            .create()
-            .map_err(|e| ProducerError::Common(walcache_common::CommonError::Config(format!("creating the Kafka producer: {e}"))))?;
+        let producer: FutureProducer = cfg.create().map_err(|e| {
+            ProducerError::Common(walcache_common::CommonError::Config(format!(
+                "creating the Kafka producer: {e}"
+            )))
+        })?;
         Ok(Sink {
             producer,
             topics,
@@ -182,14 +195,40 @@ impl Sink {
 
     /// Queues a message (a tombstone when `value` is `None`), waiting while the in-flight limit
     /// is reached.
-    pub async fn send(&mut self, topic: TopicId, key: &[u8], value: Option<&[u8]>, tag: DeliveryTag) -> Result<(), ProducerError> {
+    pub async fn send(
+        &mut self,
+        topic: TopicId,
+        key: &[u8],
+        value: Option<&[u8]>,
+        tag: DeliveryTag,
+    ) -> Result<(), ProducerError> {
+        self.send_with_position(topic, key, value, None, tag).await
+    }
+
+    /// Like [`send`](Self::send), with the position in the `walcache.position` header (used
+    /// for tombstones, which have no envelope to carry it).
+    pub async fn send_with_position(
+        &mut self,
+        topic: TopicId,
+        key: &[u8],
+        value: Option<&[u8]>,
+        position: Option<&Position>,
+        tag: DeliveryTag,
+    ) -> Result<(), ProducerError> {
         while self.in_flight >= self.max_in_flight {
             self.wait_completions().await?;
         }
         loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topics[topic]).key(key);
+            let mut record: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&self.topics[topic]).key(key);
             if let Some(v) = value {
                 record = record.payload(v);
+            }
+            if let Some(p) = position {
+                record = record.headers(OwnedHeaders::new().insert(Header {
+                    key: POSITION_HEADER,
+                    value: Some(&p.to_header()[..]),
+                }));
             }
             match self.producer.send_result(record) {
                 Ok(future) => {
@@ -263,13 +302,22 @@ impl Sink {
                     enqueued,
                 } => match Pin::new(future).poll(cx) {
                     Poll::Pending => {
-                        return if done > 0 { Poll::Ready(Ok(done)) } else { Poll::Pending };
+                        return if done > 0 {
+                            Poll::Ready(Ok(done))
+                        } else {
+                            Poll::Pending
+                        };
                     }
                     Poll::Ready(Ok(Ok(delivery))) => {
                         let next = delivery.offset + 1;
-                        let slot = self.offsets.entry((*topic, delivery.partition)).or_insert(next);
+                        let slot = self
+                            .offsets
+                            .entry((*topic, delivery.partition))
+                            .or_insert(next);
                         *slot = (*slot).max(next);
-                        self.metrics.delivery_seconds.observe(enqueued.elapsed().as_secs_f64());
+                        self.metrics
+                            .delivery_seconds
+                            .observe(enqueued.elapsed().as_secs_f64());
                         if let Some(c) = &tag.events {
                             c.inc();
                         }
@@ -339,15 +387,22 @@ impl Sink {
     /// Publishes a watermark record. With `wait`, returns only once Kafka has it (used for the
     /// snapshot state records that decide what a restart does); otherwise its delivery is
     /// checked in the background of later calls.
-    pub async fn publish_watermark(&mut self, watermark: &Watermark, wait: bool) -> Result<(), ProducerError> {
+    pub async fn publish_watermark(
+        &mut self,
+        watermark: &Watermark,
+        wait: bool,
+    ) -> Result<(), ProducerError> {
         let bytes = watermark.encode(Registry::builtin()?)?;
         let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.watermark_topic)
             .key(self.producer_name.as_str())
             .payload(&bytes[..]);
-        let future = self.producer.send_result(record).map_err(|(source, _)| ProducerError::Delivery {
-            topic: self.watermark_topic.clone(),
-            source,
-        })?;
+        let future =
+            self.producer
+                .send_result(record)
+                .map_err(|(source, _)| ProducerError::Delivery {
+                    topic: self.watermark_topic.clone(),
+                    source,
+                })?;
         let kind = match watermark.state {
             ProducerState::Snapshotting => "snapshotting",
             ProducerState::Streaming => "streaming",

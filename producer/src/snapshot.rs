@@ -150,7 +150,11 @@ pub async fn copy_table(
 }
 
 /// The table's columns as pgoutput would describe them, read inside the snapshot.
-async fn relation_of(client: &tokio_postgres::Client, table: &TableRuntime, qualified: &str) -> Result<Relation, ProducerError> {
+async fn relation_of(
+    client: &tokio_postgres::Client,
+    table: &TableRuntime,
+    qualified: &str,
+) -> Result<Relation, ProducerError> {
     let rows = client
         .query(
             "SELECT a.attname::text, a.atttypid::int8, a.atttypmod, \
@@ -267,7 +271,11 @@ mod tests {
     fn copy_lines_unescape() {
         let mut buf = Vec::new();
         let mut cols = Vec::new();
-        parse_copy_line(b"42\t\\N\ttab\\there\tnew\\nline\tback\\\\slash\t\\101\\x42", &mut buf, &mut cols);
+        parse_copy_line(
+            b"42\t\\N\ttab\\there\tnew\\nline\tback\\\\slash\t\\101\\x42",
+            &mut buf,
+            &mut cols,
+        );
         let texts: Vec<Option<&[u8]>> = cols
             .iter()
             .map(|c| (c.kind == ColumnKind::Text).then(|| c.bytes(&buf)))

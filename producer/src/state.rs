@@ -39,16 +39,19 @@ pub async fn last_watermark(
         ],
         &[],
     )?;
-    let consumer: BaseConsumer = cfg
-        .create()
-        .map_err(|e| ProducerError::Common(walcache_common::CommonError::Config(format!("creating a consumer: {e}"))))?;
+    let consumer: BaseConsumer = cfg.create().map_err(|e| {
+        ProducerError::Common(walcache_common::CommonError::Config(format!(
+            "creating a consumer: {e}"
+        )))
+    })?;
     let topic_name = topic.to_string();
     let producer_name = producer.to_string();
     let budget = kafka.request_timeout * 3;
     let found = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
         let mut tpl = TopicPartitionList::new();
         for (p, _) in &ends {
-            tpl.add_partition_offset(&topic_name, *p, Offset::Beginning).map_err(|e| e.to_string())?;
+            tpl.add_partition_offset(&topic_name, *p, Offset::Beginning)
+                .map_err(|e| e.to_string())?;
         }
         consumer.assign(&tpl).map_err(|e| e.to_string())?;
         let mut remaining: Vec<(i32, i64)> = ends;
@@ -76,10 +79,12 @@ pub async fn last_watermark(
     })
     .await
     .map_err(|e| ProducerError::Config(format!("state reader task failed: {e}")))?
-    .map_err(|e| ProducerError::Common(walcache_common::CommonError::Topic {
-        topic: topic.to_string(),
-        problem: format!("could not read the producer state: {e}"),
-    }))?;
+    .map_err(|e| {
+        ProducerError::Common(walcache_common::CommonError::Topic {
+            topic: topic.to_string(),
+            problem: format!("could not read the producer state: {e}"),
+        })
+    })?;
     match found {
         None => Ok(None),
         Some(bytes) => Ok(Some(Watermark::decode(Registry::builtin()?, &bytes)?)),

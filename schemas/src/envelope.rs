@@ -29,7 +29,13 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [Op::Snapshot, Op::Insert, Op::Update, Op::Delete, Op::Truncate];
+    pub const ALL: [Op; 5] = [
+        Op::Snapshot,
+        Op::Insert,
+        Op::Update,
+        Op::Delete,
+        Op::Truncate,
+    ];
 
     /// The Avro enum symbol (and metrics label).
     pub fn as_str(self) -> &'static str {
@@ -47,7 +53,9 @@ impl Op {
     }
 
     fn from_index(i: i64) -> Option<Op> {
-        usize::try_from(i).ok().and_then(|i| Op::ALL.get(i).copied())
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| Op::ALL.get(i).copied())
     }
 }
 
@@ -98,7 +106,8 @@ pub struct EnvelopeRef<'a> {
 pub fn read_envelope<'a>(row: &RowPlan, body: &'a [u8]) -> Result<EnvelopeRef<'a>, SchemaError> {
     let mut r = Reader::new(body);
     let op_index = r.read_long()?;
-    let op = Op::from_index(op_index).ok_or_else(|| SchemaError::malformed(format!("op index {op_index}")))?;
+    let op = Op::from_index(op_index)
+        .ok_or_else(|| SchemaError::malformed(format!("op index {op_index}")))?;
     let mut rows = [None, None];
     for slot in &mut rows {
         match r.read_long()? {
@@ -140,7 +149,10 @@ pub fn read_envelope<'a>(row: &RowPlan, body: &'a [u8]) -> Result<EnvelopeRef<'a
 
 /// Checks that a value schema has the envelope layout this module reads and writes, and
 /// returns the row schema inside it.
-pub(crate) fn row_schema_of(schema: &apache_avro::Schema, file: &str) -> Result<apache_avro::Schema, SchemaError> {
+pub(crate) fn row_schema_of(
+    schema: &apache_avro::Schema,
+    file: &str,
+) -> Result<apache_avro::Schema, SchemaError> {
     use apache_avro::Schema;
     let invalid = |reason: &str| SchemaError::InvalidSchema {
         file: file.to_string(),
@@ -157,8 +169,16 @@ pub(crate) fn row_schema_of(schema: &apache_avro::Schema, file: &str) -> Result<
         return Err(invalid("unexpected top-level fields"));
     }
     match &record.fields[0].schema {
-        Schema::Enum(e) if e.symbols.iter().map(String::as_str).eq(Op::ALL.iter().map(|o| o.as_str())) => {}
-        _ => return Err(invalid("op must be the enum [snapshot, insert, update, delete, truncate]")),
+        Schema::Enum(e)
+            if e.symbols
+                .iter()
+                .map(String::as_str)
+                .eq(Op::ALL.iter().map(|o| o.as_str())) => {}
+        _ => {
+            return Err(invalid(
+                "op must be the enum [snapshot, insert, update, delete, truncate]",
+            ));
+        }
     }
     let row = match &record.fields[1].schema {
         Schema::Union(u) => match u.variants() {
@@ -168,7 +188,11 @@ pub(crate) fn row_schema_of(schema: &apache_avro::Schema, file: &str) -> Result<
         _ => return Err(invalid("before must be a union")),
     };
     match &record.fields[2].schema {
-        Schema::Union(u) if matches!(u.variants(), [Schema::Null, Schema::Ref { .. } | Schema::Record(_)]) => {}
+        Schema::Union(u)
+            if matches!(
+                u.variants(),
+                [Schema::Null, Schema::Ref { .. } | Schema::Record(_)]
+            ) => {}
         _ => return Err(invalid("after must be [\"null\", <row record>]")),
     }
     let Schema::Record(source) = &record.fields[3].schema else {

@@ -27,7 +27,7 @@ pub use courier::{CourierPerformance, TableContract, Tier};
 pub use envelope::{EnvelopeRef, Op, read_envelope, write_envelope};
 pub use error::SchemaError;
 pub use plan::{FieldKind, FieldPlan, RowPlan};
-pub use position::{Lsn, Position, micros_to_rfc3339, now_micros};
+pub use position::{Lsn, POSITION_HEADER, Position, micros_to_rfc3339, now_micros};
 pub use registry::{Contract, DecodedValue, Registry, Role, SchemaDoc, ValueVersion};
 pub use text::Violation;
 pub use watermark::{PartitionOffset, ProducerState, Watermark};

@@ -108,8 +108,20 @@ impl RowPlan {
                 Schema::Union(union) => {
                     let variants = union.variants();
                     match variants {
-                        [Schema::Null, inner] => (inner, Some(NullUnion { null_index: 0, value_index: 1 })),
-                        [inner, Schema::Null] => (inner, Some(NullUnion { null_index: 1, value_index: 0 })),
+                        [Schema::Null, inner] => (
+                            inner,
+                            Some(NullUnion {
+                                null_index: 0,
+                                value_index: 1,
+                            }),
+                        ),
+                        [inner, Schema::Null] => (
+                            inner,
+                            Some(NullUnion {
+                                null_index: 1,
+                                value_index: 0,
+                            }),
+                        ),
                         _ => {
                             return Err(invalid(format!(
                                 "field {}: only unions of null and one type are supported",
@@ -120,7 +132,8 @@ impl RowPlan {
                 }
                 other => (other, None),
             };
-            let kind = field_kind(inner, &mut named).map_err(|reason| invalid(format!("field {}: {reason}", field.name)))?;
+            let kind = field_kind(inner, &mut named)
+                .map_err(|reason| invalid(format!("field {}: {reason}", field.name)))?;
             let bound = |attr: &str| -> Result<(Option<Bound>, Option<String>), SchemaError> {
                 let Some(raw) = field.custom_attributes.get(attr) else {
                     return Ok((None, None));
@@ -128,11 +141,18 @@ impl RowPlan {
                 let text = match raw {
                     Json::String(s) => s.clone(),
                     Json::Number(n) => n.to_string(),
-                    _ => return Err(invalid(format!("field {}: {attr} must be a number or a string", field.name))),
+                    _ => {
+                        return Err(invalid(format!(
+                            "field {}: {attr} must be a number or a string",
+                            field.name
+                        )));
+                    }
                 };
                 let parsed = match &kind {
                     FieldKind::Decimal { precision, scale } => {
-                        crate::text::parse_decimal(text.as_bytes(), *precision, *scale).map(Bound::Unscaled).ok()
+                        crate::text::parse_decimal(text.as_bytes(), *precision, *scale)
+                            .map(Bound::Unscaled)
+                            .ok()
                     }
                     FieldKind::Int | FieldKind::Long | FieldKind::Float | FieldKind::Double => {
                         text.parse::<f64>().ok().map(Bound::Number)
@@ -147,7 +167,10 @@ impl RowPlan {
                 };
                 match parsed {
                     Some(b) => Ok((Some(b), Some(text))),
-                    None => Err(invalid(format!("field {}: {attr} {text:?} does not fit the field's type", field.name))),
+                    None => Err(invalid(format!(
+                        "field {}: {attr} {text:?} does not fit the field's type",
+                        field.name
+                    ))),
                 }
             };
             let (min, min_text) = bound("walcache.min")?;
@@ -162,7 +185,11 @@ impl RowPlan {
                 max_text,
             });
         }
-        let by_name = fields.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
+        let by_name = fields
+            .iter()
+            .enumerate()
+            .map(|(i, f)| (f.name.clone(), i))
+            .collect();
         Ok(RowPlan {
             name: record.name.to_string(),
             fields,
@@ -203,7 +230,10 @@ impl RowPlan {
     }
 }
 
-fn field_kind(schema: &Schema, named: &mut HashMap<String, FieldKind>) -> Result<FieldKind, String> {
+fn field_kind(
+    schema: &Schema,
+    named: &mut HashMap<String, FieldKind>,
+) -> Result<FieldKind, String> {
     Ok(match schema {
         Schema::Boolean => FieldKind::Boolean,
         Schema::Int => FieldKind::Int,
@@ -236,11 +266,14 @@ fn field_kind(schema: &Schema, named: &mut HashMap<String, FieldKind>) -> Result
             named.insert(e.name.to_string(), kind.clone());
             kind
         }
-        Schema::Ref { name } => named
-            .get(&name.to_string())
-            .cloned()
-            .ok_or_else(|| format!("reference to {name} which is not an enum defined earlier in the record"))?,
-        other => return Err(format!("type {other:?} is not supported in a table contract")),
+        Schema::Ref { name } => named.get(&name.to_string()).cloned().ok_or_else(|| {
+            format!("reference to {name} which is not an enum defined earlier in the record")
+        })?,
+        other => {
+            return Err(format!(
+                "type {other:?} is not supported in a table contract"
+            ));
+        }
     })
 }
 
@@ -274,7 +307,10 @@ impl FieldPlan {
                 return Ok(());
             }
             if branch != u.value_index {
-                return Err(SchemaError::malformed(format!("field {}: union branch {branch}", self.name)));
+                return Err(SchemaError::malformed(format!(
+                    "field {}: union branch {branch}",
+                    self.name
+                )));
             }
         }
         match &self.kind {
@@ -310,7 +346,10 @@ impl FieldPlan {
                 return Ok(Json::Null);
             }
             if branch != u.value_index {
-                return Err(SchemaError::malformed(format!("field {}: union branch {branch}", self.name)));
+                return Err(SchemaError::malformed(format!(
+                    "field {}: union branch {branch}",
+                    self.name
+                )));
             }
         }
         Ok(match &self.kind {
@@ -324,17 +363,22 @@ impl FieldPlan {
                 use base64::Engine;
                 Json::String(base64::engine::general_purpose::STANDARD.encode(r.read_bytes()?))
             }
-            FieldKind::Decimal { scale, .. } => Json::String(binary::format_decimal(r.read_decimal()?, *scale)),
+            FieldKind::Decimal { scale, .. } => {
+                Json::String(binary::format_decimal(r.read_decimal()?, *scale))
+            }
             FieldKind::TimestampMicros => Json::String(micros_to_rfc3339(r.read_long()?)),
-            FieldKind::TimestampMillis => Json::String(micros_to_rfc3339(r.read_long()?.saturating_mul(1000))),
+            FieldKind::TimestampMillis => {
+                Json::String(micros_to_rfc3339(r.read_long()?.saturating_mul(1000)))
+            }
             FieldKind::LocalTimestampMicros => {
                 let text = micros_to_rfc3339(r.read_long()?);
                 Json::String(text.trim_end_matches('Z').to_string())
             }
             FieldKind::Date => {
                 let days = r.read_int()?;
-                let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
-                    .and_then(|epoch| epoch.checked_add_signed(chrono::TimeDelta::days(i64::from(days))));
+                let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).and_then(|epoch| {
+                    epoch.checked_add_signed(chrono::TimeDelta::days(i64::from(days)))
+                });
                 match date {
                     Some(d) => Json::String(d.format("%Y-%m-%d").to_string()),
                     None => return Err(SchemaError::malformed("date out of range")),
@@ -345,7 +389,12 @@ impl FieldPlan {
                 let symbol = usize::try_from(index).ok().and_then(|i| symbols.get(i));
                 match symbol {
                     Some(s) => Json::String(s.clone()),
-                    None => return Err(SchemaError::malformed(format!("field {}: enum index {index}", self.name))),
+                    None => {
+                        return Err(SchemaError::malformed(format!(
+                            "field {}: enum index {index}",
+                            self.name
+                        )));
+                    }
                 }
             }
         })

@@ -105,6 +105,46 @@ impl Position {
     }
 }
 
+/// Kafka header that carries a [`Position`] on messages without an envelope (tombstones).
+/// Headers survive compaction, so a consumer restoring from a compacted topic can still order
+/// a bare tombstone against what it holds.
+pub const POSITION_HEADER: &str = "walcache.position";
+
+impl Position {
+    /// Fixed 33-byte form for [`POSITION_HEADER`]: lsn, index, txid, commit time (big-endian
+    /// u64/i64), snapshot flag.
+    pub fn to_header(&self) -> [u8; 33] {
+        let mut out = [0u8; 33];
+        out[0..8].copy_from_slice(&self.lsn.0.to_be_bytes());
+        out[8..16].copy_from_slice(&self.index.to_be_bytes());
+        out[16..24].copy_from_slice(&self.txid.to_be_bytes());
+        out[24..32].copy_from_slice(&self.commit_ts_micros.to_be_bytes());
+        out[32] = u8::from(self.snapshot);
+        out
+    }
+
+    /// Reads [`Position::to_header`]'s form; `None` for anything else.
+    pub fn from_header(bytes: &[u8]) -> Option<Position> {
+        let bytes: &[u8; 33] = bytes.try_into().ok()?;
+        let u = |r: std::ops::Range<usize>| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&bytes[r]);
+            b
+        };
+        Some(Position {
+            lsn: Lsn(u64::from_be_bytes(u(0..8))),
+            index: u64::from_be_bytes(u(8..16)),
+            txid: u64::from_be_bytes(u(16..24)),
+            commit_ts_micros: i64::from_be_bytes(u(24..32)),
+            snapshot: match bytes[32] {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
+        })
+    }
+}
+
 /// Renders Unix-epoch microseconds as RFC 3339 UTC with microsecond precision.
 pub fn micros_to_rfc3339(micros: i64) -> String {
     match chrono::DateTime::from_timestamp_micros(micros) {
@@ -148,12 +188,28 @@ mod tests {
         };
         assert!(streamed.is_newer_than(&snap));
         assert!(!snap.is_newer_than(&streamed));
-        assert!(!streamed.is_newer_than(&streamed), "a duplicate is not newer");
+        assert!(
+            !streamed.is_newer_than(&streamed),
+            "a duplicate is not newer"
+        );
         let later = Position {
             lsn: Lsn(101),
             ..Position::default()
         };
         assert!(later.is_newer_than(&streamed));
+    }
+
+    #[test]
+    fn positions_round_trip_through_the_header_form() {
+        let pos = Position {
+            lsn: Lsn(0x1234_5678_9ABC),
+            index: 7,
+            txid: 991,
+            commit_ts_micros: -5,
+            snapshot: true,
+        };
+        assert_eq!(Position::from_header(&pos.to_header()), Some(pos));
+        assert_eq!(Position::from_header(b"short"), None);
     }
 
     #[test]

@@ -91,7 +91,13 @@ impl Contract {
     pub fn key_from_text(&self, values: &[&str]) -> Result<Vec<u8>, Violation> {
         if values.len() != self.key_plan.fields.len() {
             return Err(Violation::MissingKey {
-                field: self.key_plan.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(","),
+                field: self
+                    .key_plan
+                    .fields
+                    .iter()
+                    .map(|f| f.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(","),
             });
         }
         let mut out = Vec::with_capacity(16);
@@ -116,7 +122,11 @@ impl Contract {
             (scalar, [field]) => field.write_json(&mut out, scalar)?,
             (_, fields) => {
                 return Err(Violation::MissingKey {
-                    field: fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(","),
+                    field: fields
+                        .iter()
+                        .map(|f| f.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(","),
                 });
             }
         }
@@ -133,7 +143,12 @@ impl Contract {
 
     /// Re-encodes a row written with version `from` as version `to`, by Avro schema resolution
     /// (new fields take their defaults, removed fields are dropped).
-    pub fn resolve_row(&self, from: &ValueVersion, to: &ValueVersion, row: &[u8]) -> Result<Vec<u8>, SchemaError> {
+    pub fn resolve_row(
+        &self,
+        from: &ValueVersion,
+        to: &ValueVersion,
+        row: &[u8],
+    ) -> Result<Vec<u8>, SchemaError> {
         if from.version == to.version {
             return Ok(row.to_vec());
         }
@@ -141,7 +156,8 @@ impl Contract {
             .reader_schema(&to.row_schema)
             .build()?;
         let value = reader.read_value(&mut &row[..])?;
-        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&to.row_schema).build()?;
+        let writer =
+            apache_avro::writer::datum::GenericDatumWriter::builder(&to.row_schema).build()?;
         Ok(writer.write_value_to_vec(value)?)
     }
 }
@@ -195,15 +211,18 @@ const CONTRACTS: &[ContractFiles] = &[ContractFiles {
 }];
 const WATERMARK: (&str, &str) = avsc!("watermark.v1.avsc");
 
-static BUILTIN: LazyLock<Result<Registry, String>> = LazyLock::new(|| Registry::load().map_err(|e| e.to_string()));
+static BUILTIN: LazyLock<Result<Registry, String>> =
+    LazyLock::new(|| Registry::load().map_err(|e| e.to_string()));
 
 impl Registry {
     /// The registry of embedded contracts, loaded once.
     pub fn builtin() -> Result<&'static Registry, SchemaError> {
-        BUILTIN.as_ref().map_err(|reason| SchemaError::InvalidSchema {
-            file: "embedded schemas".into(),
-            reason: reason.clone(),
-        })
+        BUILTIN
+            .as_ref()
+            .map_err(|reason| SchemaError::InvalidSchema {
+                file: "embedded schemas".into(),
+                reason: reason.clone(),
+            })
     }
 
     fn load() -> Result<Registry, SchemaError> {
@@ -219,11 +238,16 @@ impl Registry {
                 let row = Arc::new(RowPlan::from_record(&row_schema, file)?);
                 for kf in &key_plan.fields {
                     match row.index_of(&kf.name) {
-                        Some(i) if row.fields[i].kind == kf.kind && row.fields[i].nullable.is_none() => {}
+                        Some(i)
+                            if row.fields[i].kind == kf.kind
+                                && row.fields[i].nullable.is_none() => {}
                         _ => {
                             return Err(SchemaError::InvalidSchema {
                                 file: file.to_string(),
-                                reason: format!("key field {} must be a non-null row field of the same type", kf.name),
+                                reason: format!(
+                                    "key field {} must be a non-null row field of the same type",
+                                    kf.name
+                                ),
                             });
                         }
                     }
@@ -244,7 +268,10 @@ impl Registry {
             let index = contracts.len();
             by_fingerprint.insert(key.fingerprint, (Some(index), Role::Key));
             for v in &versions {
-                by_fingerprint.insert(v.doc.fingerprint, (Some(index), Role::Value { version: v.version }));
+                by_fingerprint.insert(
+                    v.doc.fingerprint,
+                    (Some(index), Role::Value { version: v.version }),
+                );
             }
             contracts.push(Contract {
                 name: files.name,
@@ -267,10 +294,18 @@ impl Registry {
     }
 
     pub fn contract(&self, name: &str) -> Result<&Contract, SchemaError> {
-        self.contracts.iter().find(|c| c.name == name).ok_or_else(|| SchemaError::UnknownContract {
-            name: name.to_string(),
-            known: self.contracts.iter().map(|c| c.name).collect::<Vec<_>>().join(", "),
-        })
+        self.contracts
+            .iter()
+            .find(|c| c.name == name)
+            .ok_or_else(|| SchemaError::UnknownContract {
+                name: name.to_string(),
+                known: self
+                    .contracts
+                    .iter()
+                    .map(|c| c.name)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
     }
 
     /// What a fingerprint identifies.
@@ -283,7 +318,11 @@ impl Registry {
     }
 
     /// Decodes a change message of `expected` contract.
-    pub fn decode_value<'a>(&'a self, expected: &Contract, message: &'a [u8]) -> Result<DecodedValue<'a>, SchemaError> {
+    pub fn decode_value<'a>(
+        &'a self,
+        expected: &Contract,
+        message: &'a [u8],
+    ) -> Result<DecodedValue<'a>, SchemaError> {
         let (fingerprint, body) = framing::split(message)?;
         let (contract, role) = self.lookup(fingerprint)?;
         let (contract, version) = match (contract, role) {
@@ -296,7 +335,9 @@ impl Registry {
                 });
             }
         };
-        let version = contract.version(version).ok_or(SchemaError::UnknownSchema { fingerprint })?;
+        let version = contract
+            .version(version)
+            .ok_or(SchemaError::UnknownSchema { fingerprint })?;
         let envelope = read_envelope(&version.row, body)?;
         Ok(DecodedValue {
             contract,
@@ -306,7 +347,11 @@ impl Registry {
     }
 
     /// Checks a key message of `expected` contract and returns its body.
-    pub fn decode_key<'a>(&self, expected: &Contract, message: &'a [u8]) -> Result<&'a [u8], SchemaError> {
+    pub fn decode_key<'a>(
+        &self,
+        expected: &Contract,
+        message: &'a [u8],
+    ) -> Result<&'a [u8], SchemaError> {
         let (fingerprint, body) = framing::split(message)?;
         if fingerprint != expected.key.fingerprint {
             let found = self.lookup(fingerprint).map(|(c, r)| describe(c, r))?;

@@ -64,11 +64,18 @@ impl Violation {
 impl fmt::Display for Violation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Violation::Null { field } => write!(f, "{field} is NULL but the contract requires a value"),
-            Violation::Unparseable { field, expected } => write!(f, "{field} does not parse as {expected}"),
+            Violation::Null { field } => {
+                write!(f, "{field} is NULL but the contract requires a value")
+            }
+            Violation::Unparseable { field, expected } => {
+                write!(f, "{field} does not parse as {expected}")
+            }
             Violation::OutOfRange { field, rule } => write!(f, "{field} is {rule}"),
             Violation::BadEnum { field, symbols } => {
-                write!(f, "{field} is not one of the contract's symbols [{symbols}]")
+                write!(
+                    f,
+                    "{field} is not one of the contract's symbols [{symbols}]"
+                )
             }
             Violation::UnchangedToast { field } => write!(
                 f,
@@ -79,7 +86,9 @@ impl fmt::Display for Violation {
                 f,
                 "the table has no column {field}, which the contract requires (dropped or renamed?)"
             ),
-            Violation::MissingKey { field } => write!(f, "key column {field} is missing, so the row has no key"),
+            Violation::MissingKey { field } => {
+                write!(f, "key column {field} is missing, so the row has no key")
+            }
         }
     }
 }
@@ -106,7 +115,8 @@ impl FieldPlan {
             }
             FieldKind::Int => {
                 let v = parse_i64(text).ok_or_else(unparseable)?;
-                let v = i32::try_from(v).map_err(|_| self.out_of_range("outside the 32-bit int range".into()))?;
+                let v = i32::try_from(v)
+                    .map_err(|_| self.out_of_range("outside the 32-bit int range".into()))?;
                 self.check_number(f64::from(v))?;
                 binary::write_long(out, i64::from(v));
             }
@@ -157,15 +167,18 @@ impl FieldPlan {
             }
             FieldKind::Date => {
                 let days = parse_date(text).ok_or_else(|| self.timestamp_error(text))?;
-                let days =
-                    i32::try_from(days).map_err(|_| self.out_of_range("outside the Avro date range".into()))?;
+                let days = i32::try_from(days)
+                    .map_err(|_| self.out_of_range("outside the Avro date range".into()))?;
                 binary::write_long(out, i64::from(days));
             }
             FieldKind::Enum { symbols } => {
-                let index = symbols.iter().position(|s| s.as_bytes() == text).ok_or_else(|| Violation::BadEnum {
-                    field: self.name.clone(),
-                    symbols: symbols.join(", "),
-                })?;
+                let index = symbols
+                    .iter()
+                    .position(|s| s.as_bytes() == text)
+                    .ok_or_else(|| Violation::BadEnum {
+                        field: self.name.clone(),
+                        symbols: symbols.join(", "),
+                    })?;
                 binary::write_long(out, index as i64);
             }
         }
@@ -192,9 +205,13 @@ impl FieldPlan {
 
     fn timestamp_error(&self, text: &[u8]) -> Violation {
         // Postgres prints these for values Avro's long micros cannot hold.
-        if text.eq_ignore_ascii_case(b"infinity") || text.eq_ignore_ascii_case(b"-infinity") || text.ends_with(b" BC")
+        if text.eq_ignore_ascii_case(b"infinity")
+            || text.eq_ignore_ascii_case(b"-infinity")
+            || text.ends_with(b" BC")
         {
-            self.out_of_range("infinite or before the common era, which the contract cannot represent".into())
+            self.out_of_range(
+                "infinite or before the common era, which the contract cannot represent".into(),
+            )
         } else {
             Violation::Unparseable {
                 field: self.name.clone(),
@@ -212,7 +229,9 @@ impl FieldPlan {
 
     fn check_number(&self, v: f64) -> Result<(), Violation> {
         if v.is_nan() && (self.min.is_some() || self.max.is_some()) {
-            return Err(self.out_of_range("not a number, so it cannot lie between the contract's bounds".into()));
+            return Err(self.out_of_range(
+                "not a number, so it cannot lie between the contract's bounds".into(),
+            ));
         }
         if let (Some(Bound::Number(min)), Some(text)) = (&self.min, &self.min_text)
             && v < *min
@@ -292,14 +311,19 @@ pub fn parse_decimal(text: &[u8], precision: u32, scale: u32) -> Result<i128, De
         || !int_part.iter().all(u8::is_ascii_digit)
         || !frac_part.iter().all(u8::is_ascii_digit)
     {
-        if text.eq_ignore_ascii_case(b"nan") || text.eq_ignore_ascii_case(b"infinity") || text.eq_ignore_ascii_case(b"-infinity") {
+        if text.eq_ignore_ascii_case(b"nan")
+            || text.eq_ignore_ascii_case(b"infinity")
+            || text.eq_ignore_ascii_case(b"-infinity")
+        {
             return Err(DecimalError::Rule("not a finite number".into()));
         }
         return Err(DecimalError::Unparseable);
     }
     let scale_us = scale as usize;
     if frac_part.len() > scale_us && frac_part[scale_us..].iter().any(|&b| b != b'0') {
-        return Err(DecimalError::Rule(format!("more precise than {scale} decimal places")));
+        return Err(DecimalError::Rule(format!(
+            "more precise than {scale} decimal places"
+        )));
     }
     let overflow = || DecimalError::Rule(format!("more than {precision} significant digits"));
     let mut acc: i128 = 0;
@@ -307,7 +331,10 @@ pub fn parse_decimal(text: &[u8], precision: u32, scale: u32) -> Result<i128, De
     let frac_used = &frac_part[..frac_part.len().min(scale_us)];
     let padding = scale_us - frac_used.len();
     for &b in int_part.iter().chain(frac_used.iter()) {
-        acc = acc.checked_mul(10).and_then(|a| a.checked_add(i128::from(b - b'0'))).ok_or_else(overflow)?;
+        acc = acc
+            .checked_mul(10)
+            .and_then(|a| a.checked_add(i128::from(b - b'0')))
+            .ok_or_else(overflow)?;
         if acc != 0 {
             significant += 1;
         }
@@ -349,7 +376,9 @@ fn digits(text: &[u8], n: usize) -> Option<u32> {
     if text.len() < n {
         return None;
     }
-    text[..n].iter().try_fold(0u32, |acc, &b| b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0')))
+    text[..n].iter().try_fold(0u32, |acc, &b| {
+        b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0'))
+    })
 }
 
 /// Parses `YYYY-MM-DD` (4 or more year digits) and returns (days since epoch, rest).
@@ -432,7 +461,8 @@ pub fn parse_timestamp_micros(text: &[u8]) -> Option<i64> {
         }
         _ => return None,
     };
-    let secs = days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second) - offset_secs;
+    let secs = days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second)
+        - offset_secs;
     secs.checked_mul(1_000_000)?.checked_add(micros_frac)
 }
 
@@ -465,13 +495,34 @@ mod tests {
         let base = parse_timestamp_micros(b"2026-11-22 03:47:00+00").expect("pg form");
         assert_eq!(base, 1_795_319_220_000_000);
         assert_eq!(parse_timestamp_micros(b"2026-11-22T03:47:00Z"), Some(base));
-        assert_eq!(parse_timestamp_micros(b"2026-11-22 05:47:00+02"), Some(base));
-        assert_eq!(parse_timestamp_micros(b"2026-11-22 09:17:00+05:30"), Some(base));
-        assert_eq!(parse_timestamp_micros(b"2026-11-21 19:47:00-08"), Some(base));
-        assert_eq!(parse_timestamp_micros(b"2026-11-22 03:47:00.5+00"), Some(base + 500_000));
-        assert_eq!(parse_timestamp_micros(b"2026-11-22 03:47:00.123456+00"), Some(base + 123_456));
-        assert_eq!(parse_timestamp_micros(b"1969-12-31 23:59:59.999999"), Some(-1));
-        assert_eq!(parse_timestamp_micros(b"2024-02-29 00:00:00"), Some(1_709_164_800_000_000));
+        assert_eq!(
+            parse_timestamp_micros(b"2026-11-22 05:47:00+02"),
+            Some(base)
+        );
+        assert_eq!(
+            parse_timestamp_micros(b"2026-11-22 09:17:00+05:30"),
+            Some(base)
+        );
+        assert_eq!(
+            parse_timestamp_micros(b"2026-11-21 19:47:00-08"),
+            Some(base)
+        );
+        assert_eq!(
+            parse_timestamp_micros(b"2026-11-22 03:47:00.5+00"),
+            Some(base + 500_000)
+        );
+        assert_eq!(
+            parse_timestamp_micros(b"2026-11-22 03:47:00.123456+00"),
+            Some(base + 123_456)
+        );
+        assert_eq!(
+            parse_timestamp_micros(b"1969-12-31 23:59:59.999999"),
+            Some(-1)
+        );
+        assert_eq!(
+            parse_timestamp_micros(b"2024-02-29 00:00:00"),
+            Some(1_709_164_800_000_000)
+        );
         assert_eq!(parse_timestamp_micros(b"2023-02-29 00:00:00"), None);
         assert_eq!(parse_timestamp_micros(b"infinity"), None);
         assert_eq!(parse_timestamp_micros(b"2026-13-01 00:00:00"), None);
@@ -493,9 +544,18 @@ mod tests {
         assert_eq!(parse_decimal(b"5", 3, 2), Ok(500));
         assert_eq!(parse_decimal(b"-0.05", 3, 2), Ok(-5));
         assert_eq!(parse_decimal(b"4.870", 3, 2), Ok(487));
-        assert!(matches!(parse_decimal(b"4.875", 3, 2), Err(DecimalError::Rule(_))));
-        assert!(matches!(parse_decimal(b"12.00", 3, 2), Err(DecimalError::Rule(_))));
-        assert!(matches!(parse_decimal(b"NaN", 3, 2), Err(DecimalError::Rule(_))));
+        assert!(matches!(
+            parse_decimal(b"4.875", 3, 2),
+            Err(DecimalError::Rule(_))
+        ));
+        assert!(matches!(
+            parse_decimal(b"12.00", 3, 2),
+            Err(DecimalError::Rule(_))
+        ));
+        assert!(matches!(
+            parse_decimal(b"NaN", 3, 2),
+            Err(DecimalError::Rule(_))
+        ));
         assert_eq!(parse_decimal(b"abc", 3, 2), Err(DecimalError::Unparseable));
         assert_eq!(parse_decimal(b".", 3, 2), Err(DecimalError::Unparseable));
         assert_eq!(parse_decimal(b"0.00", 3, 2), Ok(0));

@@ -1,1 +1,170 @@
-//! placeholder
+//! The test kit: real Postgres (wal_level=logical) and a real Kafka-protocol broker (tansu),
+//! shared by every test binary, with a database, slot and topics of its own for each test.
+//!
+//! ```text
+//!  Env::get() ──► deploy/local/walcache-env up --dir .walcache/test   (idempotent, flock'd)
+//!     ├─ TestDb::create("name")   a fresh database with the courier_performance table
+//!     ├─ Pipeline::new(&db)       unique slot, publication, topics; a ProducerConfig
+//!     │     ├─ .start_in_process()     Producer::run in this process (metrics, cancel)
+//!     │     └─ .spawn()                the walcache-producer binary (kill -9, SIGTERM)
+//!     └─ kafka::read_all / events::materialize   what reached the topics, decoded
+//! ```
+//!
+//! `make test` starts the environment once and stops it at the end; a plain `cargo test`
+//! starts it on first use and leaves it running for the next run.
+
+pub mod broker;
+pub mod events;
+pub mod kafka;
+pub mod pipeline;
+pub mod postgres;
+pub mod writer;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+pub use pipeline::{InProcess, Pipeline, ProducerProcess};
+pub use postgres::TestDb;
+
+/// The shared environment.
+#[derive(Debug, Clone)]
+pub struct Env {
+    pub repo: PathBuf,
+    pub dir: PathBuf,
+    pub pg_port: u16,
+    pub pg_password_file: PathBuf,
+    pub pg_password: String,
+    pub kafka: String,
+}
+
+static ENV: OnceLock<Env> = OnceLock::new();
+
+impl Env {
+    /// Starts (or finds) the shared environment.
+    pub fn get() -> &'static Env {
+        ENV.get_or_init(|| {
+            let repo = repo_root();
+            let dir = std::env::var_os("WALCACHE_TEST_ENV_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| repo.join(".walcache/test"));
+            let env = load_env(&repo, &dir, "up");
+            init_tracing();
+            env
+        })
+    }
+}
+
+/// Brings up an environment with `command` (`up`, or `pg-up` for Postgres only) and reads it.
+pub fn load_env(repo: &Path, dir: &Path, command: &str) -> Env {
+    let status = Command::new(repo.join("deploy/local/walcache-env"))
+        .args([command, "--dir"])
+        .arg(dir)
+        .status()
+        .expect("deploy/local/walcache-env runs");
+    assert!(
+        status.success(),
+        "walcache-env {command} failed; see the logs under {}",
+        dir.display()
+    );
+    let text = std::fs::read_to_string(dir.join("env")).expect("walcache-env wrote its env file");
+    let var = |name: &str| -> Option<String> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .map(|v| v.trim_matches('\'').to_string())
+    };
+    let pg_password_file =
+        PathBuf::from(var("WALCACHE_LOCAL_PG_PASSWORD_FILE").expect("password file"));
+    Env {
+        repo: repo.to_path_buf(),
+        dir: dir.to_path_buf(),
+        pg_port: var("WALCACHE_LOCAL_PG_PORT")
+            .and_then(|p| p.parse().ok())
+            .expect("pg port"),
+        pg_password: std::fs::read_to_string(&pg_password_file)
+            .expect("password")
+            .trim()
+            .to_string(),
+        pg_password_file,
+        kafka: var("WALCACHE_LOCAL_KAFKA").unwrap_or_default(),
+    }
+}
+
+/// The workspace root (this crate lives in `tests/`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+fn init_tracing() {
+    // Quiet by default; WALCACHE_TEST_LOG=info (or WALCACHE_LOG) shows the pipeline's logs.
+    let filter = std::env::var("WALCACHE_TEST_LOG").unwrap_or_else(|_| "warn".into());
+    walcache_common::telemetry::init(&filter);
+}
+
+/// A name no other test (or earlier run) uses: `prefix_<pid>_<n>_<random>`, lower-case.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}_{}_{}_{:04x}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        rand::random::<u16>()
+    )
+}
+
+/// Polls `check` until it returns `Some` or `timeout` passes (then panics with `what`).
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Builds the workspace binaries once per test process (a no-op when they are fresh) and
+/// returns the path of `name`.
+pub fn binary(name: &str) -> PathBuf {
+    static BUILT: OnceLock<()> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "--quiet", "--workspace", "--bins"])
+            .current_dir(repo_root())
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "building the workspace binaries failed");
+    });
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target"));
+    let path = target.join("debug").join(name);
+    assert!(
+        path.exists(),
+        "{} is missing after the build",
+        path.display()
+    );
+    path
+}
+
+/// A TCP port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}

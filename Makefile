@@ -1,0 +1,41 @@
+# walcache: `make demo` runs the pipeline on a local environment, `make test` runs every test.
+# Both install what is missing (Postgres server packages, the tansu broker) on first use.
+
+CARGO ?= cargo
+TEST_ENV := .walcache/test
+
+.PHONY: demo test tools build lint bench env-up env-down clean
+
+tools:
+	deploy/local/install-tools.sh
+
+build:
+	$(CARGO) build --workspace --bins
+
+demo: tools build
+	$(CARGO) run --quiet -p walcache-tests --bin walcache-demo
+
+# One environment for the whole run; every test gets its own database, slot and topics.
+test: tools
+	deploy/local/walcache-env up --dir $(TEST_ENV)
+	$(CARGO) build --workspace --bins --tests
+	status=0; WALCACHE_TEST_ENV_DIR=$(CURDIR)/$(TEST_ENV) $(CARGO) test --workspace --no-fail-fast || status=$$?; \
+	  deploy/local/walcache-env down --dir $(TEST_ENV); exit $$status
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+bench: tools build
+	$(CARGO) run --release -p walcache-tests --bin walcache-bench
+
+env-up:
+	deploy/local/walcache-env up
+
+env-down:
+	deploy/local/walcache-env down
+
+clean:
+	-deploy/local/walcache-env destroy --dir $(TEST_ENV)
+	-deploy/local/walcache-env destroy --dir .walcache/demo
+	$(CARGO) clean

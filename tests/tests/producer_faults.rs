@@ -1,0 +1,456 @@
+//! The producer under faults: kill -9 at the worst moments, the broker going away (a real
+//! restart and injected errors), a standby taking over, a SIGTERM drain. In every case every
+//! committed change ends up on the topic, and duplicates appear only where a position had
+//! not yet been confirmed to the slot.
+
+use std::time::{Duration, Instant};
+
+use walcache_schemas::Lsn;
+use walcache_tests::broker::DedicatedBroker;
+use walcache_tests::events::{Event, check_order_per_key, decode_all, materialize};
+use walcache_tests::kafka::{high_watermarks, read_all};
+use walcache_tests::writer::{Writer, assert_all_on_topic, duplicates};
+use walcache_tests::{Pipeline, ProducerProcess, TestDb, wait_for};
+
+async fn topic_events(p: &Pipeline) -> Vec<Event> {
+    decode_all(&read_all(&p.kafka, &p.topic).await)
+}
+
+async fn converge(p: &Pipeline, timeout: Duration) -> Vec<Event> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let events = topic_events(p).await;
+        let table = p.db.contract_view().await;
+        let view = materialize(&events);
+        if view == table {
+            return events;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "topic did not converge: table {} rows, view {} rows, {} differ",
+            table.len(),
+            view.len(),
+            table
+                .iter()
+                .filter(|(k, v)| view.get(k) != Some(*v))
+                .count()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+async fn topic_size(p: &Pipeline) -> i64 {
+    high_watermarks(&p.kafka, &p.topic)
+        .await
+        .iter()
+        .map(|(_, h)| h)
+        .sum()
+}
+
+async fn wait_ready(process: &mut ProducerProcess, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while !process.ready().await {
+        assert!(!process.has_exited(), "producer exited: {}", process.log());
+        assert!(
+            Instant::now() < deadline,
+            "producer not ready: {}",
+            process.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_snapshot_restarts_the_snapshot_and_loses_nothing() {
+    let db = TestDb::create().await;
+    db.seed(1, 150_000).await;
+    let p = Pipeline::new(&db);
+    let mut first = p.spawn();
+    wait_for(
+        "the snapshot to be under way",
+        Duration::from_secs(60),
+        || async { (topic_size(&p).await >= 10_000).then_some(()) },
+    )
+    .await;
+    first.kill9();
+    let partial = topic_size(&p).await;
+    assert!(
+        partial < 150_000,
+        "the kill should land mid-snapshot (topic had {partial})"
+    );
+
+    // Writes while no producer runs: the new snapshot carries their effects (as snapshot
+    // rows, since they commit before the new slot's consistent point).
+    let offline = Writer::start(&db, 150_000, 10_000_000, Duration::from_millis(2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let _covered_by_snapshot = offline.stop().await;
+    let mut second = p.spawn();
+    wait_ready(&mut second, Duration::from_secs(120)).await;
+    assert!(
+        second.log().contains("initial snapshot never completed"),
+        "{}",
+        second.log()
+    );
+    // Writes after the new slot exists must each arrive as their own event.
+    let writer = Writer::start(&db, 150_000, 20_000_000, Duration::from_millis(2)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let txids = writer.stop().await;
+    let events = converge(&p, Duration::from_secs(90)).await;
+    assert_all_on_topic(&events, &txids);
+    check_order_per_key(&events).expect("order per key");
+    second.terminate(Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
+    let db = TestDb::create().await;
+    db.seed(1, 60_000).await;
+    let p = Pipeline::new(&db);
+    let mut producer = p.spawn();
+    wait_ready(&mut producer, Duration::from_secs(120)).await;
+
+    // Mid-transaction: one 60k-row transaction, killed while its events are going out.
+    let before = converge(&p, Duration::from_secs(60)).await.len() as i64;
+    let before = before.max(topic_size(&p).await);
+    let big_txid: i64 = {
+        let mut client = db.client().await;
+        let tx = client.transaction().await.expect("tx");
+        let id: i64 = tx
+            .query_one("SELECT txid_current()::int8", &[])
+            .await
+            .expect("txid")
+            .get(0);
+        tx.execute(
+            "UPDATE courier_performance SET cancellations = cancellations + 1",
+            &[],
+        )
+        .await
+        .expect("big update");
+        tx.commit().await.expect("commit");
+        id
+    };
+    wait_for(
+        "part of the big transaction on the topic",
+        Duration::from_secs(60),
+        || async { (topic_size(&p).await >= before + 3_000).then_some(()) },
+    )
+    .await;
+    producer.kill9();
+    let confirmed = db.slot_confirmed(&p.slot).await.expect("slot");
+    let delivered = topic_size(&p).await - before;
+    assert!(
+        delivered < 60_000,
+        "the kill should land mid-transaction ({delivered} delivered)"
+    );
+    let events = topic_events(&p).await;
+    assert!(
+        events
+            .iter()
+            .filter_map(|e| e.position)
+            .filter(|pos| pos.txid == big_txid as u64)
+            .all(|pos| pos.lsn >= confirmed),
+        "the big transaction was not confirmed before it was delivered"
+    );
+
+    // The restart replays the whole big transaction; let that finish and be confirmed.
+    producer = p.spawn();
+    wait_ready(&mut producer, Duration::from_secs(120)).await;
+    let big_lsn = events
+        .iter()
+        .filter_map(|e| e.position)
+        .filter(|pos| pos.txid == big_txid as u64)
+        .map(|pos| pos.lsn)
+        .next();
+    let big_lsn = big_lsn.expect("part of the big transaction was on the topic");
+    wait_for(
+        "the big transaction to be confirmed",
+        Duration::from_secs(120),
+        || async {
+            db.slot_confirmed(&p.slot)
+                .await
+                .filter(|c| *c > big_lsn)
+                .map(|_| ())
+        },
+    )
+    .await;
+
+    // Between delivery and ack: small transactions under load, killed while the last
+    // delivered commits are not yet confirmed to the slot.
+    let writer = Writer::start(&db, 60_000, 10_000_000, Duration::ZERO).await;
+    let mut window: Option<Lsn> = None;
+    for attempt in 0..5 {
+        if attempt > 0 {
+            producer = p.spawn();
+            wait_ready(&mut producer, Duration::from_secs(120)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        producer.kill9();
+        let confirmed = db.slot_confirmed(&p.slot).await.expect("slot");
+        let newest_writer_commit = topic_events(&p)
+            .await
+            .iter()
+            .filter_map(|e| e.position)
+            .filter(|pos| pos.txid != big_txid as u64)
+            .map(|pos| pos.lsn)
+            .max();
+        if newest_writer_commit.is_some_and(|n| n >= confirmed) {
+            window = Some(confirmed);
+            break;
+        }
+    }
+    let confirmed_at_kill = window.expect("a kill landed between delivery and acknowledgement");
+    let mut last = p.spawn();
+    wait_ready(&mut last, Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let txids = writer.stop().await;
+    let events = converge(&p, Duration::from_secs(120)).await;
+    assert_all_on_topic(&events, &txids);
+    assert!(
+        events
+            .iter()
+            .any(|e| e.position.is_some_and(|pos| pos.txid == big_txid as u64))
+    );
+    let big_keys = events
+        .iter()
+        .filter(|e| e.position.is_some_and(|pos| pos.txid == big_txid as u64))
+        .filter_map(|e| e.key)
+        .collect::<std::collections::HashSet<_>>();
+    assert_eq!(
+        big_keys.len(),
+        60_000,
+        "every row of the big transaction is on the topic"
+    );
+    check_order_per_key(&events).expect("order per key");
+    let dups = duplicates(&events);
+    assert!(
+        !dups.is_empty(),
+        "the replays after the kills should show as duplicates"
+    );
+    // Duplicates come only from positions the slot had not confirmed when a kill happened.
+    // Confirmed positions only grow, so none may sit before the first kill's confirmed LSN,
+    // and the last kill's replays sit at or after its own.
+    for d in &dups {
+        let pos = d.position.expect("position");
+        assert!(
+            pos.lsn >= confirmed,
+            "duplicate before the first kill's confirmed position {confirmed}: {pos:?}"
+        );
+    }
+    let after: Vec<_> = events
+        .iter()
+        .filter_map(|e| e.position)
+        .filter(|pos| pos.lsn >= confirmed_at_kill)
+        .map(|p| (p.lsn, p.txid))
+        .take(5)
+        .collect();
+    assert!(
+        dups.iter()
+            .filter_map(|d| d.position)
+            .any(|pos| pos.lsn >= confirmed_at_kill && pos.txid != big_txid as u64),
+        "the last kill's unacknowledged commits were replayed: confirmed at kill {confirmed_at_kill}, events after it {after:?}, {} dups, dup lsns {:?}",
+        dups.len(),
+        dups.iter()
+            .filter_map(|d| d.position)
+            .map(|p| (p.lsn, p.txid))
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+    last.terminate(Duration::from_secs(30));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_broker_restart_loses_nothing_and_in_flight_stays_bounded() {
+    let broker = DedicatedBroker::start();
+    let db = TestDb::create().await;
+    db.seed(1, 2_000).await;
+    let mut p = Pipeline::with_kafka(&db, &broker.bootstrap);
+    p.extra_toml = String::new();
+    let toml = p
+        .toml(0)
+        .replace("max_in_flight = 20000", "max_in_flight = 500");
+    let config: walcache_producer::ProducerConfig = toml::from_str(&toml).expect("config");
+    let metrics = walcache_producer::Metrics::new().expect("metrics");
+    let health = std::sync::Arc::new(walcache_common::ops::Health::default());
+    let producer = walcache_producer::Producer::new(config, metrics.clone(), health.clone())
+        .expect("producer");
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let token = cancel.clone();
+    let task = tokio::spawn(async move { producer.run(token).await });
+    wait_for("producer ready", Duration::from_secs(60), || async {
+        health.is_ready().then_some(())
+    })
+    .await;
+
+    let writer = Writer::start(&db, 2_000, 10_000_000, Duration::from_millis(1)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    broker.stop();
+    // While the broker is away: writes continue, the producer holds at most max_in_flight
+    // and stops reading the slot.
+    let client = db.client().await;
+    client
+        .execute(
+            "UPDATE courier_performance SET cancellations = cancellations + 1",
+            &[],
+        )
+        .await
+        .expect("burst");
+    let mut peak = 0;
+    for _ in 0..30 {
+        peak = peak.max(metrics.in_flight.get());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        peak <= 500 + 3,
+        "in-flight messages exceeded the bound: {peak}"
+    );
+    let lag = client
+        .query_one(
+            "SELECT (pg_current_wal_lsn() - sent_lsn)::int8 FROM pg_stat_replication WHERE application_name = $1",
+            &[&format!("walcache-producer-{}", p.slot)],
+        )
+        .await
+        .map(|r| r.get::<_, i64>(0))
+        .unwrap_or(i64::MAX);
+    assert!(
+        lag > 0,
+        "with Kafka away the producer should stop reading the slot"
+    );
+    broker.resume();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let txids = writer.stop().await;
+    let events = converge(&p, Duration::from_secs(120)).await;
+    assert_all_on_topic(&events, &txids);
+    check_order_per_key(&events).expect("order per key");
+    cancel.cancel();
+    task.await
+        .expect("task")
+        .expect("clean drain after the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_broker_faults_lose_nothing() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(3).expect("mock cluster");
+    let db = TestDb::create().await;
+    db.seed(1, 500).await;
+    let p = Pipeline::with_kafka(&db, &mock.bootstrap_servers());
+    for (topic, partitions) in [
+        (&p.topic, p.partitions),
+        (&p.watermarks, 1),
+        (&p.dead_letter, 1),
+    ] {
+        mock.create_topic(topic, partitions, 3).expect("mock topic");
+    }
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let writer = Writer::start(&db, 500, 10_000_000, Duration::from_millis(2)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Produce requests fail with retriable errors, then a leader goes down and comes back.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_LEADER_FOR_PARTITION,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_REQUEST_TIMED_OUT,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS,
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS_AFTER_APPEND,
+        ]
+        .repeat(5),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    mock.broker_down(1).expect("down");
+    mock.broker_round_trip_time(2, Duration::from_millis(300))
+        .expect("slow broker");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    mock.broker_up(1).expect("up");
+    mock.broker_round_trip_time(2, Duration::ZERO)
+        .expect("fast again");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let txids = writer.stop().await;
+    let events = converge(&p, Duration::from_secs(120)).await;
+    assert_all_on_topic(&events, &txids);
+    check_order_per_key(&events).expect("order per key");
+    producer.stop().await.expect("clean drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_takes_over_when_the_leader_dies() {
+    let db = TestDb::create().await;
+    db.seed(1, 1_000).await;
+    let p = Pipeline::new(&db);
+    let mut leader = p.spawn();
+    wait_ready(&mut leader, Duration::from_secs(60)).await;
+    let mut standby = p.spawn();
+    wait_for(
+        "the standby to wait for the slot",
+        Duration::from_secs(30),
+        || async { standby.log().contains("standing by").then_some(()) },
+    )
+    .await;
+    assert!(!standby.ready().await, "a standby is not ready");
+    let writer = Writer::start(&db, 1_000, 10_000_000, Duration::from_millis(2)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    leader.kill9();
+    wait_ready(&mut standby, Duration::from_secs(60)).await;
+    assert!(
+        standby
+            .log()
+            .contains("resuming from the slot's confirmed position"),
+        "{}",
+        standby.log()
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let txids = writer.stop().await;
+    let events = converge(&p, Duration::from_secs(60)).await;
+    assert_all_on_topic(&events, &txids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_confirms_and_exits_zero_so_a_restart_repeats_nothing() {
+    let db = TestDb::create().await;
+    db.seed(1, 1_000).await;
+    let p = Pipeline::new(&db);
+    let mut producer = p.spawn();
+    wait_ready(&mut producer, Duration::from_secs(60)).await;
+    let writer = Writer::start(&db, 1_000, 10_000_000, Duration::ZERO).await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let started = Instant::now();
+    let status = producer
+        .terminate(Duration::from_secs(30))
+        .expect("exits within the deadline");
+    assert!(
+        status.success(),
+        "exit status {status:?}: {}",
+        producer.log()
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+    assert!(
+        producer.log().contains("slot confirmed; shutdown complete"),
+        "{}",
+        producer.log()
+    );
+    let confirmed = db.slot_confirmed(&p.slot).await.expect("slot");
+    let events = topic_events(&p).await;
+    let newest = events
+        .iter()
+        .filter_map(|e| e.position)
+        .map(|pos| pos.lsn)
+        .max()
+        .expect("events");
+    assert!(
+        confirmed > newest,
+        "everything delivered was confirmed (confirmed {confirmed}, newest commit {newest})"
+    );
+
+    let mut again = p.spawn();
+    wait_ready(&mut again, Duration::from_secs(60)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let txids = writer.stop().await;
+    let events = converge(&p, Duration::from_secs(60)).await;
+    assert_all_on_topic(&events, &txids);
+    assert!(
+        duplicates(&events).is_empty(),
+        "a clean drain leaves nothing to repeat"
+    );
+    again.terminate(Duration::from_secs(30));
+}
