@@ -34,29 +34,15 @@ pub fn load<T: DeserializeOwned>(path: Option<&Path>) -> Result<T, CommonError> 
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    figment = figment.merge(
-        Env::prefixed("WALCACHE_")
-            .filter(|key| key.as_str().contains("__"))
-            .split("__"),
-    );
-    figment
-        .extract()
-        .map_err(|e| CommonError::Config(describe_figment_error(e)))
+    figment = figment.merge(Env::prefixed("WALCACHE_").filter(|key| key.as_str().contains("__")).split("__"));
+    figment.extract().map_err(|e| CommonError::Config(describe_figment_error(e)))
 }
 
 fn describe_figment_error(e: figment::Error) -> String {
     e.into_iter()
         .map(|err| {
-            let path = if err.path.is_empty() {
-                String::new()
-            } else {
-                format!("{}: ", err.path.join("."))
-            };
-            let source = err
-                .metadata
-                .as_ref()
-                .map(|m| format!(" (from {})", m.name))
-                .unwrap_or_default();
+            let path = if err.path.is_empty() { String::new() } else { format!("{}: ", err.path.join(".")) };
+            let source = err.metadata.as_ref().map(|m| format!(" (from {})", m.name)).unwrap_or_default();
             format!("{path}{}{source}", err.kind)
         })
         .collect::<Vec<_>>()
@@ -84,10 +70,8 @@ impl Secret {
 
     /// Reads a secret from a file (trailing newline removed), as mounted by Kubernetes or systemd.
     pub fn from_file(path: &Path) -> Result<Self, CommonError> {
-        let text = std::fs::read_to_string(path).map_err(|source| CommonError::Io {
-            context: format!("reading secret file {}", path.display()),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| CommonError::Io { context: format!("reading secret file {}", path.display()), source })?;
         Ok(Secret(text.trim_end_matches(['\n', '\r']).to_string()))
     }
 }
@@ -137,11 +121,8 @@ fn default_kafka_timeout() -> Duration {
 impl KafkaConfig {
     /// The pass-through properties with names normalized (`_` -> `.`) and files read.
     pub fn resolved_properties(&self) -> Result<BTreeMap<String, Secret>, CommonError> {
-        let mut out: BTreeMap<String, Secret> = self
-            .properties
-            .iter()
-            .map(|(k, v)| (k.replace('_', "."), v.clone()))
-            .collect();
+        let mut out: BTreeMap<String, Secret> =
+            self.properties.iter().map(|(k, v)| (k.replace('_', "."), v.clone())).collect();
         for (name, path) in &self.property_files {
             out.insert(name.replace('_', "."), Secret::from_file(path)?);
         }

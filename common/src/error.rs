@@ -48,9 +48,6 @@ impl CommonError {
     }
 
     pub(crate) fn kafka(context: impl Into<String>, source: KafkaError) -> Self {
-        CommonError::Kafka {
-            context: context.into(),
-            source,
-        }
+        CommonError::Kafka { context: context.into(), source }
     }
 }

@@ -65,9 +65,7 @@ pub struct Metadata {
 
 impl std::fmt::Debug for Metadata {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Metadata")
-            .field("timeout", &self.timeout)
-            .finish_non_exhaustive()
+        f.debug_struct("Metadata").field("timeout", &self.timeout).finish_non_exhaustive()
     }
 }
 
@@ -75,19 +73,11 @@ impl Metadata {
     pub fn new(kafka: &KafkaConfig, client_id: &str) -> Result<Self, CommonError> {
         let cfg = client_config(
             kafka,
-            &[
-                ("client.id", client_id.to_string()),
-                ("group.id", format!("{client_id}-metadata")),
-            ],
+            &[("client.id", client_id.to_string()), ("group.id", format!("{client_id}-metadata"))],
             &[],
         )?;
-        let consumer: BaseConsumer = cfg
-            .create()
-            .map_err(|e| CommonError::kafka("creating a metadata client", e))?;
-        Ok(Metadata {
-            consumer: Arc::new(consumer),
-            timeout: kafka.request_timeout,
-        })
+        let consumer: BaseConsumer = cfg.create().map_err(|e| CommonError::kafka("creating a metadata client", e))?;
+        Ok(Metadata { consumer: Arc::new(consumer), timeout: kafka.request_timeout })
     }
 
     /// The partition ids of `topic`, or an empty list when the topic does not exist.
@@ -95,21 +85,16 @@ impl Metadata {
         let consumer = Arc::clone(&self.consumer);
         let topic_name = topic.to_string();
         let timeout = self.timeout;
-        let result = tokio::task::spawn_blocking(move || {
-            consumer.fetch_metadata(Some(&topic_name), timeout)
-        })
-        .await
-        .map_err(|e| CommonError::Config(format!("metadata task failed: {e}")))?;
-        let metadata = result
-            .map_err(|e| CommonError::kafka(format!("fetching metadata of topic {topic}"), e))?;
+        let result = tokio::task::spawn_blocking(move || consumer.fetch_metadata(Some(&topic_name), timeout))
+            .await
+            .map_err(|e| CommonError::Config(format!("metadata task failed: {e}")))?;
+        let metadata = result.map_err(|e| CommonError::kafka(format!("fetching metadata of topic {topic}"), e))?;
         let Some(t) = metadata.topics().iter().find(|t| t.name() == topic) else {
             return Ok(Vec::new());
         };
         if let Some(err) = t.error() {
             let code = RDKafkaErrorCode::from(err);
-            if code == RDKafkaErrorCode::UnknownTopicOrPartition
-                || code == RDKafkaErrorCode::UnknownTopic
-            {
+            if code == RDKafkaErrorCode::UnknownTopicOrPartition || code == RDKafkaErrorCode::UnknownTopic {
                 return Ok(Vec::new());
             }
         }
@@ -123,12 +108,10 @@ impl Metadata {
         let consumer = Arc::clone(&self.consumer);
         let topic_name = topic.to_string();
         let timeout = self.timeout;
-        tokio::task::spawn_blocking(move || {
-            consumer.fetch_watermarks(&topic_name, partition, timeout)
-        })
-        .await
-        .map_err(|e| CommonError::Config(format!("watermark task failed: {e}")))?
-        .map_err(|e| CommonError::kafka(format!("fetching watermarks of {topic}/{partition}"), e))
+        tokio::task::spawn_blocking(move || consumer.fetch_watermarks(&topic_name, partition, timeout))
+            .await
+            .map_err(|e| CommonError::Config(format!("watermark task failed: {e}")))?
+            .map_err(|e| CommonError::kafka(format!("fetching watermarks of {topic}/{partition}"), e))
     }
 
     /// High watermarks of every partition of `topic`.
@@ -154,11 +137,7 @@ impl Metadata {
 
 /// Creates the topics that are missing (existing ones are left as they are) and waits until
 /// the brokers list each with its partitions.
-pub async fn ensure_topics(
-    kafka: &KafkaConfig,
-    metadata: &Metadata,
-    specs: &[TopicSpec],
-) -> Result<(), CommonError> {
+pub async fn ensure_topics(kafka: &KafkaConfig, metadata: &Metadata, specs: &[TopicSpec]) -> Result<(), CommonError> {
     let mut missing = Vec::new();
     for spec in specs {
         if metadata.partitions(&spec.name).await?.is_empty() {
@@ -168,17 +147,12 @@ pub async fn ensure_topics(
     if missing.is_empty() {
         return Ok(());
     }
-    let admin: AdminClient<DefaultClientContext> = client_config(kafka, &[], &[])?
-        .create()
-        .map_err(|e| CommonError::kafka("creating an admin client", e))?;
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(kafka, &[], &[])?.create().map_err(|e| CommonError::kafka("creating an admin client", e))?;
     let new_topics: Vec<NewTopic<'_>> = missing
         .iter()
         .map(|s| {
-            let mut t = NewTopic::new(
-                &s.name,
-                s.partitions,
-                TopicReplication::Fixed(s.replication_factor),
-            );
+            let mut t = NewTopic::new(&s.name, s.partitions, TopicReplication::Fixed(s.replication_factor));
             for (k, v) in &s.configs {
                 t = t.set(k, v);
             }
@@ -186,10 +160,8 @@ pub async fn ensure_topics(
         })
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(kafka.request_timeout));
-    let results = admin
-        .create_topics(new_topics.iter(), &opts)
-        .await
-        .map_err(|e| CommonError::kafka("creating topics", e))?;
+    let results =
+        admin.create_topics(new_topics.iter(), &opts).await.map_err(|e| CommonError::kafka("creating topics", e))?;
     for result in results {
         match result {
             Ok(name) => tracing::info!(topic = %name, "created topic"),

@@ -23,9 +23,7 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Health {
-            state: Mutex::new((false, "starting".into())),
-        }
+        Health { state: Mutex::new((false, "starting".into())) }
     }
 }
 
@@ -45,10 +43,7 @@ impl Health {
     }
 
     pub fn get(&self) -> (bool, String) {
-        self.state
-            .lock()
-            .map(|s| s.clone())
-            .unwrap_or((false, "health state poisoned".into()))
+        self.state.lock().map(|s| s.clone()).unwrap_or((false, "health state poisoned".into()))
     }
 
     pub fn is_ready(&self) -> bool {
@@ -81,16 +76,8 @@ async fn metrics(State(state): State<OpsState>) -> Response {
 
 async fn readyz(State(state): State<OpsState>) -> Response {
     let (ready, reason) = state.health.get();
-    let status = if ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (
-        status,
-        axum::Json(serde_json::json!({ "ready": ready, "reason": reason })),
-    )
-        .into_response()
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, axum::Json(serde_json::json!({ "ready": ready, "reason": reason }))).into_response()
 }
 
 /// Binds `listen` and serves `router` until `cancel` fires. Returns the bound address (useful
@@ -100,24 +87,16 @@ pub async fn serve(
     router: Router,
     cancel: CancellationToken,
 ) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), CommonError> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| CommonError::Io {
-            context: format!(
-                "binding the HTTP listener on {listen} (is another process using the port?)"
-            ),
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| CommonError::Io {
-        context: "reading the bound address".into(),
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(|source| CommonError::Io {
+        context: format!("binding the HTTP listener on {listen} (is another process using the port?)"),
         source,
     })?;
+    let addr = listener
+        .local_addr()
+        .map_err(|source| CommonError::Io { context: "reading the bound address".into(), source })?;
     let task = tokio::spawn(async move {
         let shutdown = async move { cancel.cancelled().await };
-        if let Err(e) = axum::serve(listener, router)
-            .with_graceful_shutdown(shutdown)
-            .await
-        {
+        if let Err(e) = axum::serve(listener, router).with_graceful_shutdown(shutdown).await {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });

@@ -6,9 +6,7 @@ use tokio_util::sync::CancellationToken;
 /// Spawns the signal watcher.
 pub fn watch_signals(root: CancellationToken) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(s) => s,
             Err(e) => {
                 tracing::error!(error = %e, "cannot install the SIGTERM handler; use SIGINT to stop");

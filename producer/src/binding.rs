@@ -29,10 +29,7 @@ pub fn pg_type_fits(type_oid: u32, kind: &FieldKind) -> bool {
         700 | 701 => matches!(kind, K::Float | K::Double),
         1700 => matches!(kind, K::Decimal { .. } | K::Double),
         25 | 1043 | 1042 => matches!(kind, K::String | K::Enum { .. } | K::Uuid),
-        1114 => matches!(
-            kind,
-            K::TimestampMicros | K::TimestampMillis | K::LocalTimestampMicros
-        ),
+        1114 => matches!(kind, K::TimestampMicros | K::TimestampMillis | K::LocalTimestampMicros),
         1184 => matches!(kind, K::TimestampMicros | K::TimestampMillis),
         1082 => matches!(kind, K::Date),
         2950 => matches!(kind, K::Uuid | K::String),
@@ -57,11 +54,7 @@ pub enum BindingWarning {
     /// A contract field without a column: every row dead-letters.
     MissingColumn(String),
     /// A column whose type cannot feed its field: rows will not parse.
-    TypeMismatch {
-        column: String,
-        type_oid: u32,
-        expected: String,
-    },
+    TypeMismatch { column: String, type_oid: u32, expected: String },
 }
 
 impl BindingWarning {
@@ -96,12 +89,7 @@ pub struct TableRuntime {
 impl TableRuntime {
     pub fn new(index: usize, spec: TableSpec) -> Option<Self> {
         let version = spec.contract.version(spec.version)?;
-        Some(TableRuntime {
-            index,
-            qualified: spec.qualified(),
-            spec,
-            version,
-        })
+        Some(TableRuntime { index, qualified: spec.qualified(), spec, version })
     }
 }
 
@@ -134,23 +122,8 @@ impl Binding {
                 warnings.push(BindingWarning::ExtraColumn(c.name.clone()));
             }
         }
-        let key_columns = table
-            .spec
-            .contract
-            .key_plan
-            .fields
-            .iter()
-            .map(|f| column_of(&f.name))
-            .collect();
-        (
-            Binding {
-                table,
-                relation,
-                row_columns,
-                key_columns,
-            },
-            warnings,
-        )
+        let key_columns = table.spec.contract.key_plan.fields.iter().map(|f| column_of(&f.name)).collect();
+        (Binding { table, relation, row_columns, key_columns }, warnings)
     }
 
     /// Encodes the row of a tuple. `old` (a full old row) fills unchanged TOAST values.
@@ -164,27 +137,19 @@ impl Binding {
         out.clear();
         for (field, col) in self.table.version.row.fields.iter().zip(&self.row_columns) {
             let Some(c) = *col else {
-                return Err(Violation::MissingColumn {
-                    field: field.name.clone(),
-                });
+                return Err(Violation::MissingColumn { field: field.name.clone() });
             };
             let Some(value) = columns.get(c) else {
-                return Err(Violation::MissingColumn {
-                    field: field.name.clone(),
-                });
+                return Err(Violation::MissingColumn { field: field.name.clone() });
             };
             match value.kind {
                 ColumnKind::Null => field.write_null(out)?,
                 ColumnKind::Text => field.write_text(out, value.bytes(message))?,
                 ColumnKind::UnchangedToast => match old.and_then(|o| o.get(c)) {
-                    Some(prev) if prev.kind == ColumnKind::Text => {
-                        field.write_text(out, prev.bytes(message))?
-                    }
+                    Some(prev) if prev.kind == ColumnKind::Text => field.write_text(out, prev.bytes(message))?,
                     Some(prev) if prev.kind == ColumnKind::Null => field.write_null(out)?,
                     _ => {
-                        return Err(Violation::UnchangedToast {
-                            field: field.name.clone(),
-                        });
+                        return Err(Violation::UnchangedToast { field: field.name.clone() });
                     }
                 },
                 ColumnKind::Binary => {
@@ -199,29 +164,14 @@ impl Binding {
     }
 
     /// Encodes the key body (no header) from a tuple (a new row, an old row or a key tuple).
-    pub fn encode_key(
-        &self,
-        message: &[u8],
-        columns: &[ColumnRef],
-        out: &mut Vec<u8>,
-    ) -> Result<(), Violation> {
+    pub fn encode_key(&self, message: &[u8], columns: &[ColumnRef], out: &mut Vec<u8>) -> Result<(), Violation> {
         out.clear();
-        for (field, col) in self
-            .table
-            .spec
-            .contract
-            .key_plan
-            .fields
-            .iter()
-            .zip(&self.key_columns)
-        {
+        for (field, col) in self.table.spec.contract.key_plan.fields.iter().zip(&self.key_columns) {
             let value = col.and_then(|c| columns.get(c));
             match value {
                 Some(v) if v.kind == ColumnKind::Text => field.write_text(out, v.bytes(message))?,
                 _ => {
-                    return Err(Violation::MissingKey {
-                        field: field.name.clone(),
-                    });
+                    return Err(Violation::MissingKey { field: field.name.clone() });
                 }
             }
         }
@@ -234,9 +184,7 @@ impl Binding {
         for (col, value) in self.relation.columns.iter().zip(columns) {
             let v = match value.kind {
                 ColumnKind::Null => Json::Null,
-                ColumnKind::UnchangedToast => {
-                    Json::String("<unchanged TOAST value, not in the stream>".into())
-                }
+                ColumnKind::UnchangedToast => Json::String("<unchanged TOAST value, not in the stream>".into()),
                 ColumnKind::Text | ColumnKind::Binary => {
                     Json::String(String::from_utf8_lossy(value.bytes(message)).into_owned())
                 }
@@ -249,23 +197,12 @@ impl Binding {
     /// The key as text values, when the key columns are present.
     pub fn key_json(&self, message: &[u8], columns: &[ColumnRef]) -> Option<Json> {
         let mut map = Map::new();
-        for (field, col) in self
-            .table
-            .spec
-            .contract
-            .key_plan
-            .fields
-            .iter()
-            .zip(&self.key_columns)
-        {
+        for (field, col) in self.table.spec.contract.key_plan.fields.iter().zip(&self.key_columns) {
             let v = columns.get((*col)?)?;
             if v.kind != ColumnKind::Text {
                 return None;
             }
-            map.insert(
-                field.name.clone(),
-                Json::String(String::from_utf8_lossy(v.bytes(message)).into_owned()),
-            );
+            map.insert(field.name.clone(), Json::String(String::from_utf8_lossy(v.bytes(message)).into_owned()));
         }
         Some(Json::Object(map))
     }

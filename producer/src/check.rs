@@ -37,11 +37,7 @@ pub struct Report {
 
 impl Report {
     fn add(&mut self, level: Level, problem: impl Into<String>, fix: impl Into<String>) {
-        self.findings.push(Finding {
-            level,
-            problem: problem.into(),
-            fix: fix.into(),
-        });
+        self.findings.push(Finding { level, problem: problem.into(), fix: fix.into() });
     }
 
     fn ok(&mut self, what: impl Into<String>) {
@@ -79,20 +75,12 @@ impl fmt::Display for Report {
 pub async fn run_check(config: &ProducerConfig) -> Report {
     let mut report = Report::default();
     if let Err(e) = config.validate() {
-        report.add(
-            Level::Fail,
-            e.to_string(),
-            "fix the configuration file or WALCACHE_* variables",
-        );
+        report.add(Level::Fail, e.to_string(), "fix the configuration file or WALCACHE_* variables");
         return report;
     }
     report.ok("configuration parses and validates");
     let tables: Vec<Arc<TableRuntime>> = match config.table_specs() {
-        Ok(specs) => specs
-            .into_iter()
-            .enumerate()
-            .filter_map(|(i, s)| TableRuntime::new(i, s).map(Arc::new))
-            .collect(),
+        Ok(specs) => specs.into_iter().enumerate().filter_map(|(i, s)| TableRuntime::new(i, s).map(Arc::new)).collect(),
         Err(e) => {
             report.add(Level::Fail, e.to_string(), "fix [[tables]]");
             return report;
@@ -131,10 +119,7 @@ pub async fn require_streaming_prerequisites(
         tracing::warn!(problem = %f.problem, fix = %f.fix, "prerequisite warning");
     }
     match report.first_failure() {
-        Some(f) => Err(ProducerError::Prerequisite {
-            problem: f.problem.clone(),
-            fix: f.fix.clone(),
-        }),
+        Some(f) => Err(ProducerError::Prerequisite { problem: f.problem.clone(), fix: f.fix.clone() }),
         None => Ok(()),
     }
 }
@@ -163,11 +148,7 @@ async fn postgres_checks(
     let db = control.client();
     let q = |what: &'static str| move |e| ProducerError::pg(what, e);
 
-    let wal_level: String = db
-        .query_one("SHOW wal_level", &[])
-        .await
-        .map_err(q("reading wal_level"))?
-        .get(0);
+    let wal_level: String = db.query_one("SHOW wal_level", &[]).await.map_err(q("reading wal_level"))?.get(0);
     if wal_level == "logical" {
         report.ok("wal_level = logical");
     } else {
@@ -188,8 +169,7 @@ async fn postgres_checks(
         )
         .await
         .map_err(q("reading replication settings"))?;
-    let (max_slots, max_senders, used, ours): (i32, i32, i32, i32) =
-        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let (max_slots, max_senders, used, ours): (i32, i32, i32, i32) = (row.get(0), row.get(1), row.get(2), row.get(3));
     if max_senders < 1 {
         report.add(
             Level::Fail,
@@ -208,10 +188,7 @@ async fn postgres_checks(
     }
 
     let row = db
-        .query_one(
-            "SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user",
-            &[],
-        )
+        .query_one("SELECT rolsuper, rolreplication FROM pg_roles WHERE rolname = current_user", &[])
         .await
         .map_err(q("reading the role"))?;
     let (superuser, replication): (bool, bool) = (row.get(0), row.get(1));
@@ -221,10 +198,7 @@ async fn postgres_checks(
         report.add(
             Level::Fail,
             format!("role {} lacks the REPLICATION attribute", pg.user),
-            format!(
-                "run ALTER ROLE {} REPLICATION (as a superuser)",
-                quote_ident(&pg.user)
-            ),
+            format!("run ALTER ROLE {} REPLICATION (as a superuser)", quote_ident(&pg.user)),
         );
     }
 
@@ -237,12 +211,8 @@ async fn postgres_checks(
         .await
         .map_err(q("reading pg_publication"))?;
     if let Some(r) = &pub_row {
-        let ops: [(bool, &str); 4] = [
-            (r.get(1), "insert"),
-            (r.get(2), "update"),
-            (r.get(3), "delete"),
-            (r.get(4), "truncate"),
-        ];
+        let ops: [(bool, &str); 4] =
+            [(r.get(1), "insert"), (r.get(2), "update"), (r.get(3), "delete"), (r.get(4), "truncate")];
         let missing: Vec<&str> = ops.iter().filter(|(on, _)| !on).map(|(_, n)| *n).collect();
         if !missing.is_empty() {
             report.add(
@@ -258,15 +228,10 @@ async fn postgres_checks(
     }
 
     if let Some(info) = control.slot_info(slot).await? {
-        if info.plugin.as_deref() != Some("pgoutput")
-            || info.database.as_deref() != Some(pg.database.as_str())
-        {
+        if info.plugin.as_deref() != Some("pgoutput") || info.database.as_deref() != Some(pg.database.as_str()) {
             report.add(
                 Level::Fail,
-                format!(
-                    "slot {slot} exists for database {:?} with plugin {:?}",
-                    info.database, info.plugin
-                ),
+                format!("slot {slot} exists for database {:?} with plugin {:?}", info.database, info.plugin),
                 "choose another postgres.slot, or drop that slot if nothing uses it",
             );
         } else {
@@ -276,9 +241,7 @@ async fn postgres_checks(
             ));
         }
     } else {
-        report.ok(format!(
-            "slot {slot} will be created on first start (with an initial snapshot)"
-        ));
+        report.ok(format!("slot {slot} will be created on first start (with an initial snapshot)"));
     }
     Ok(())
 }
@@ -317,10 +280,7 @@ async fn table_checks(
     if !can_select {
         report.add(
             Level::Fail,
-            format!(
-                "role {} may not SELECT from {name} (the initial snapshot reads it)",
-                pg.user
-            ),
+            format!("role {} may not SELECT from {name} (the initial snapshot reads it)", pg.user),
             format!("GRANT SELECT ON {name} TO {}", quote_ident(&pg.user)),
         );
     }
@@ -376,24 +336,12 @@ async fn table_checks(
         }
     }
     if mismatches == 0 {
-        report.ok(format!(
-            "{name} has every column of contract {} v{}",
-            contract.name, table.version.version
-        ));
+        report.ok(format!("{name} has every column of contract {} v{}", contract.name, table.version.version));
     }
 
-    let key_fields: Vec<String> = contract
-        .key_plan
-        .fields
-        .iter()
-        .map(|f| f.name.clone())
-        .collect();
+    let key_fields: Vec<String> = contract.key_plan.fields.iter().map(|f| f.name.clone()).collect();
     let identity_index_columns = |primary: bool| async move {
-        let flag = if primary {
-            "indisprimary"
-        } else {
-            "indisreplident"
-        };
+        let flag = if primary { "indisprimary" } else { "indisreplident" };
         db.query_opt(
             &format!(
                 "SELECT array_agg(a.attname::text ORDER BY k.ord) FROM pg_index i \
@@ -437,10 +385,7 @@ async fn table_checks(
                     fix_identity,
                 ),
                 Some(_) => {
-                    report.ok(format!(
-                        "{name}'s replica identity matches the key ({})",
-                        key_fields.join(", ")
-                    ));
+                    report.ok(format!("{name}'s replica identity matches the key ({})", key_fields.join(", ")));
                     if !toastable.is_empty() {
                         report.add(
                             Level::Warn,
@@ -468,10 +413,7 @@ async fn table_checks(
         if listed.is_none() && !owns {
             report.add(
                 Level::Fail,
-                format!(
-                    "publication {publication} lacks {name} and role {} may not add it",
-                    pg.user
-                ),
+                format!("publication {publication} lacks {name} and role {} may not add it", pg.user),
                 format!("as the table owner: ALTER PUBLICATION {publication} ADD TABLE {name}"),
             );
         } else if listed.is_none() {
@@ -480,10 +422,7 @@ async fn table_checks(
     } else if !(owns && can_create) {
         report.add(
             Level::Fail,
-            format!(
-                "publication {publication} does not exist and role {} may not create it for {name}",
-                pg.user
-            ),
+            format!("publication {publication} does not exist and role {} may not create it for {name}", pg.user),
             format!("as the table owner: CREATE PUBLICATION {publication} FOR TABLE {name}"),
         );
     }
@@ -500,10 +439,7 @@ async fn kafka_checks(config: &ProducerConfig, tables: &[Arc<TableRuntime>], rep
         }
     };
     match metadata.ping().await {
-        Ok(brokers) => report.ok(format!(
-            "reached Kafka at {} ({brokers} brokers)",
-            kafka.bootstrap_servers
-        )),
+        Ok(brokers) => report.ok(format!("reached Kafka at {} ({brokers} brokers)", kafka.bootstrap_servers)),
         Err(e) => {
             report.add(
                 Level::Fail,
@@ -521,7 +457,12 @@ async fn kafka_checks(config: &ProducerConfig, tables: &[Arc<TableRuntime>], rep
             )),
             Ok(p) if p.len() as i32 != config.topics.partitions => report.add(
                 Level::Warn,
-                format!("topic {} has {} partitions, the configuration says {}", table.spec.topic, p.len(), config.topics.partitions),
+                format!(
+                    "topic {} has {} partitions, the configuration says {}",
+                    table.spec.topic,
+                    p.len(),
+                    config.topics.partitions
+                ),
                 "existing topics are left as they are; the partition count only matters at creation",
             ),
             Ok(_) => report.ok(format!("topic {} exists", table.spec.topic)),

@@ -45,9 +45,7 @@ pub struct ProducerConfig {
 }
 
 fn default_ops() -> OpsConfig {
-    OpsConfig {
-        listen: ([127, 0, 0, 1], 9187).into(),
-    }
+    OpsConfig { listen: ([127, 0, 0, 1], 9187).into() }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -193,10 +191,7 @@ impl PgConnection {
 
     /// Where we connect, without secrets, for messages.
     pub fn describe(&self) -> String {
-        format!(
-            "{}@{}:{}/{}",
-            self.user, self.host, self.port, self.database
-        )
+        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.database)
     }
 }
 
@@ -222,11 +217,8 @@ impl ProducerConfig {
         self.kafka.validate()?;
         self.pg_connection()?;
         self.table_specs()?;
-        let ident_ok = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
-        };
+        let ident_ok =
+            |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !ident_ok(&self.postgres.slot) {
             return Err(ProducerError::Config(format!(
                 "postgres.slot {:?}: use lower-case letters, digits and underscores (Postgres slot name rules)",
@@ -245,9 +237,7 @@ impl ProducerConfig {
             ));
         }
         if self.pipeline.max_in_flight < 1 {
-            return Err(ProducerError::Config(
-                "pipeline.max_in_flight must be at least 1".into(),
-            ));
+            return Err(ProducerError::Config("pipeline.max_in_flight must be at least 1".into()));
         }
         if self.pipeline.status_interval > Duration::from_secs(30) {
             return Err(ProducerError::Config(
@@ -271,31 +261,16 @@ impl ProducerConfig {
         };
         let port = parsed.get_ports().first().copied().unwrap_or(5432);
         let user = parsed.get_user().map(str::to_string).ok_or_else(|| {
-            ProducerError::Config(
-                "postgres.url names no user; use postgres://user@host/database".into(),
-            )
+            ProducerError::Config("postgres.url names no user; use postgres://user@host/database".into())
         })?;
-        let database = parsed
-            .get_dbname()
-            .map(str::to_string)
-            .unwrap_or_else(|| user.clone());
-        let password = match (
-            &self.postgres.password,
-            &self.postgres.password_file,
-            parsed.get_password(),
-        ) {
+        let database = parsed.get_dbname().map(str::to_string).unwrap_or_else(|| user.clone());
+        let password = match (&self.postgres.password, &self.postgres.password_file, parsed.get_password()) {
             (Some(p), _, _) => p.clone(),
             (None, Some(file), _) => Secret::from_file(file)?,
             (None, None, Some(p)) => Secret::new(String::from_utf8_lossy(p).into_owned()),
             (None, None, None) => Secret::default(),
         };
-        Ok(PgConnection {
-            host,
-            port,
-            user,
-            password,
-            database,
-        })
+        Ok(PgConnection { host, port, user, password, database })
     }
 
     /// The configured tables resolved against the contracts.
@@ -314,9 +289,8 @@ impl ProducerConfig {
                     t.table, t.table
                 ))
             })?;
-            let contract = registry
-                .contract(&t.contract)
-                .map_err(|e| ProducerError::Config(format!("table {}: {e}", t.table)))?;
+            let contract =
+                registry.contract(&t.contract).map_err(|e| ProducerError::Config(format!("table {}: {e}", t.table)))?;
             let version = match t.contract_version {
                 Some(v) => {
                     contract
@@ -326,40 +300,21 @@ impl ProducerConfig {
                                 "table {}: contract {} has no version {v} (known: {})",
                                 t.table,
                                 contract.name,
-                                contract
-                                    .versions
-                                    .iter()
-                                    .map(|v| v.version.to_string())
-                                    .collect::<Vec<_>>()
-                                    .join(", ")
+                                contract.versions.iter().map(|v| v.version.to_string()).collect::<Vec<_>>().join(", ")
                             ))
                         })?
                         .version
                 }
                 None => contract.latest().version,
             };
-            let topic = t
-                .topic
-                .clone()
-                .unwrap_or_else(|| format!("{}.{}.{}", self.topics.prefix, schema, name));
+            let topic = t.topic.clone().unwrap_or_else(|| format!("{}.{}.{}", self.topics.prefix, schema, name));
             if specs.iter().any(|s| s.qualified() == t.table) {
-                return Err(ProducerError::Config(format!(
-                    "table {} is configured twice",
-                    t.table
-                )));
+                return Err(ProducerError::Config(format!("table {} is configured twice", t.table)));
             }
             if specs.iter().any(|s| s.topic == topic) {
-                return Err(ProducerError::Config(format!(
-                    "topic {topic} is used by two tables"
-                )));
+                return Err(ProducerError::Config(format!("topic {topic} is used by two tables")));
             }
-            specs.push(TableSpec {
-                schema: schema.to_string(),
-                name: name.to_string(),
-                topic,
-                contract,
-                version,
-            });
+            specs.push(TableSpec { schema: schema.to_string(), name: name.to_string(), topic, contract, version });
         }
         Ok(specs)
     }
@@ -385,10 +340,7 @@ mod tests {
     }
 
     fn toml_config(text: &str) -> ProducerConfig {
-        figment::Figment::new()
-            .merge(figment::providers::Toml::string(text))
-            .extract()
-            .expect("parses")
+        figment::Figment::new().merge(figment::providers::Toml::string(text)).extract().expect("parses")
     }
 
     #[test]
@@ -396,10 +348,7 @@ mod tests {
         let cfg = base();
         cfg.validate().expect("valid");
         let conn = cfg.pg_connection().expect("conn");
-        assert_eq!(
-            (conn.host.as_str(), conn.port, conn.database.as_str()),
-            ("db", 5433, "incentives")
-        );
+        assert_eq!((conn.host.as_str(), conn.port, conn.database.as_str()), ("db", 5433, "incentives"));
         let specs = cfg.table_specs().expect("specs");
         assert_eq!(specs[0].topic, "incentives.public.courier_performance");
         assert_eq!(specs[0].version, 2);
@@ -410,40 +359,22 @@ mod tests {
         let mut cfg = base();
         cfg.tables[0].contract = "nope".into();
         let e = cfg.validate().expect_err("unknown contract").to_string();
-        assert!(
-            e.contains("unknown contract") && e.contains("courier_performance"),
-            "{e}"
-        );
+        assert!(e.contains("unknown contract") && e.contains("courier_performance"), "{e}");
 
         let mut cfg = base();
         cfg.tables[0].table = "courier_performance".into();
-        assert!(
-            cfg.validate()
-                .expect_err("unqualified")
-                .to_string()
-                .contains("schema-qualified")
-        );
+        assert!(cfg.validate().expect_err("unqualified").to_string().contains("schema-qualified"));
 
         let mut cfg = base();
         cfg.postgres.slot = "Bad-Slot".into();
-        assert!(
-            cfg.validate()
-                .expect_err("slot")
-                .to_string()
-                .contains("postgres.slot")
-        );
+        assert!(cfg.validate().expect_err("slot").to_string().contains("postgres.slot"));
 
         let unknown = figment::Figment::new()
             .merge(figment::providers::Toml::string(
                 "[postgres]\nurl='postgres://u@h/d'\nslott='x'\n[kafka]\nbootstrap_servers='k:1'\n[[tables]]\ntable='public.t'\ncontract='courier_performance'",
             ))
             .extract::<ProducerConfig>();
-        assert!(
-            unknown
-                .expect_err("unknown field")
-                .to_string()
-                .contains("slott")
-        );
+        assert!(unknown.expect_err("unknown field").to_string().contains("slott"));
     }
 
     #[test]
@@ -452,9 +383,6 @@ mod tests {
         cfg.postgres.password = Some(Secret::new("s3cret-pw"));
         let shown = format!("{cfg:?} {:?}", cfg.pg_connection().expect("conn"));
         assert!(!shown.contains("s3cret-pw"), "{shown}");
-        assert_eq!(
-            cfg.pg_connection().expect("conn").password.expose(),
-            "s3cret-pw"
-        );
+        assert_eq!(cfg.pg_connection().expect("conn").password.expose(), "s3cret-pw");
     }
 }

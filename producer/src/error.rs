@@ -49,9 +49,7 @@ pub enum ProducerError {
     Common(#[from] CommonError),
 
     /// A message could not be delivered (after librdkafka's own retries).
-    #[error(
-        "kafka delivery to {topic} failed: {source}; the session restarts from the last confirmed LSN"
-    )]
+    #[error("kafka delivery to {topic} failed: {source}; the session restarts from the last confirmed LSN")]
     Delivery {
         topic: String,
         #[source]
@@ -66,11 +64,7 @@ pub enum ProducerError {
     #[error(
         "slot {slot} still shows {shown} after the shutdown deadline (wanted {wanted}); those changes will be sent again on restart"
     )]
-    ConfirmTimeout {
-        slot: String,
-        shown: String,
-        wanted: String,
-    },
+    ConfirmTimeout { slot: String, shown: String, wanted: String },
 }
 
 impl ProducerError {
@@ -89,17 +83,11 @@ impl ProducerError {
     }
 
     pub(crate) fn pg(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
-        ProducerError::Postgres {
-            context: context.into(),
-            source,
-        }
+        ProducerError::Postgres { context: context.into(), source }
     }
 
     pub(crate) fn repl(context: impl Into<String>, source: PgWireError) -> Self {
-        ProducerError::Replication {
-            context: context.into(),
-            source,
-        }
+        ProducerError::Replication { context: context.into(), source }
     }
 }
 
@@ -123,15 +111,9 @@ fn replication_is_transient(e: &PgWireError) -> bool {
     match e {
         PgWireError::Server(msg) => {
             // The server's SQLSTATE is in the message ("... (SQLSTATE 55006)").
-            [
-                "SQLSTATE 08",
-                "SQLSTATE 53",
-                "SQLSTATE 57",
-                "SQLSTATE 55006",
-                "SQLSTATE 40",
-            ]
-            .iter()
-            .any(|code| msg.contains(code))
+            ["SQLSTATE 08", "SQLSTATE 53", "SQLSTATE 57", "SQLSTATE 55006", "SQLSTATE 40"]
+                .iter()
+                .any(|code| msg.contains(code))
         }
         PgWireError::Auth(_) | PgWireError::Tls(_) => false,
         _ => true,

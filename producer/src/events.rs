@@ -42,9 +42,7 @@ pub struct Emitter {
 
 impl std::fmt::Debug for Emitter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Emitter")
-            .field("dead_letter_topic", &self.dead_letter_topic)
-            .finish_non_exhaustive()
+        f.debug_struct("Emitter").field("dead_letter_topic", &self.dead_letter_topic).finish_non_exhaustive()
     }
 }
 
@@ -62,11 +60,7 @@ impl Emitter {
                 Op::ALL
                     .iter()
                     .map(|op| DeliveryTag {
-                        events: Some(
-                            metrics
-                                .events
-                                .with_label_values(&[&t.qualified, op.as_str()]),
-                        ),
+                        events: Some(metrics.events.with_label_values(&[&t.qualified, op.as_str()])),
                         bytes: Some(metrics.bytes.with_label_values(&[&t.qualified])),
                     })
                     .collect()
@@ -105,9 +99,7 @@ impl Emitter {
     ) -> Result<(), ProducerError> {
         let table = Arc::clone(&binding.table);
         if let Err(v) = binding.encode_key(message, new, &mut self.key) {
-            return self
-                .dead_letter(sink, binding, &v, op, message, new, position)
-                .await;
+            return self.dead_letter(sink, binding, &v, op, message, new, position).await;
         }
         let mut op = op;
         let full_old = old.and_then(|(k, cols)| (k == OldTuple::Full).then_some(cols));
@@ -116,24 +108,16 @@ impl Emitter {
             let mut old_key = Vec::new();
             if binding.encode_key(message, old_cols, &mut old_key).is_ok() && old_key != self.key {
                 let new_key = std::mem::replace(&mut self.key, old_key);
-                self.emit_delete(sink, binding, message, full_old, position)
-                    .await?;
+                self.emit_delete(sink, binding, message, full_old, position).await?;
                 self.key = new_key;
                 op = Op::Insert;
             }
         }
         if let Err(v) = binding.encode_row(message, new, full_old, &mut self.row) {
-            return self
-                .dead_letter(sink, binding, &v, op, message, new, position)
-                .await;
+            return self.dead_letter(sink, binding, &v, op, message, new, position).await;
         }
         let before = match full_old {
-            Some(cols)
-                if op == Op::Update
-                    && binding
-                        .encode_row(message, cols, None, &mut self.before)
-                        .is_ok() =>
-            {
+            Some(cols) if op == Op::Update && binding.encode_row(message, cols, None, &mut self.before).is_ok() => {
                 Some(&self.before[..])
             }
             _ => None,
@@ -149,12 +133,10 @@ impl Emitter {
             &table.qualified,
         );
         self.key_message.clear();
-        self.key_message
-            .extend_from_slice(&table.spec.contract.key.header);
+        self.key_message.extend_from_slice(&table.spec.contract.key.header);
         self.key_message.extend_from_slice(&self.key);
         let tag = self.tag(&table, op);
-        sink.send(table.index, &self.key_message, Some(&self.message), tag)
-            .await?;
+        sink.send(table.index, &self.key_message, Some(&self.message), tag).await?;
         position.index += 1;
         Ok(())
     }
@@ -170,13 +152,10 @@ impl Emitter {
         position: &mut Position,
     ) -> Result<(), ProducerError> {
         if let Err(v) = binding.encode_key(message, old, &mut self.key) {
-            return self
-                .dead_letter(sink, binding, &v, Op::Delete, message, old, position)
-                .await;
+            return self.dead_letter(sink, binding, &v, Op::Delete, message, old, position).await;
         }
         let full = (old_kind == OldTuple::Full).then_some(old);
-        self.emit_delete(sink, binding, message, full, position)
-            .await
+        self.emit_delete(sink, binding, message, full, position).await
     }
 
     /// The delete event and its tombstone for the key in `self.key`.
@@ -190,13 +169,7 @@ impl Emitter {
     ) -> Result<(), ProducerError> {
         let table = Arc::clone(&binding.table);
         let before = match full_old {
-            Some(cols)
-                if binding
-                    .encode_row(message, cols, None, &mut self.before)
-                    .is_ok() =>
-            {
-                Some(&self.before[..])
-            }
+            Some(cols) if binding.encode_row(message, cols, None, &mut self.before).is_ok() => Some(&self.before[..]),
             _ => None,
         };
         self.message.clear();
@@ -210,26 +183,14 @@ impl Emitter {
             &table.qualified,
         );
         self.key_message.clear();
-        self.key_message
-            .extend_from_slice(&table.spec.contract.key.header);
+        self.key_message.extend_from_slice(&table.spec.contract.key.header);
         self.key_message.extend_from_slice(&self.key);
         let tag = self.tag(&table, Op::Delete);
-        sink.send(table.index, &self.key_message, Some(&self.message), tag)
-            .await?;
+        sink.send(table.index, &self.key_message, Some(&self.message), tag).await?;
         // The tombstone lets compaction forget the key. Compaction may also drop the delete
         // event before it, so the tombstone carries the same position in a header.
-        let no_count = DeliveryTag {
-            events: None,
-            bytes: None,
-        };
-        sink.send_with_position(
-            table.index,
-            &self.key_message,
-            None,
-            Some(position),
-            no_count,
-        )
-        .await?;
+        let no_count = DeliveryTag { events: None, bytes: None };
+        sink.send_with_position(table.index, &self.key_message, None, Some(position), no_count).await?;
         position.index += 1;
         Ok(())
     }
@@ -252,8 +213,7 @@ impl Emitter {
             &table.qualified,
         );
         let tag = self.tag(table, Op::Truncate);
-        sink.send(table.index, TRUNCATE_KEY, Some(&self.message), tag)
-            .await?;
+        sink.send(table.index, TRUNCATE_KEY, Some(&self.message), tag).await?;
         position.index += 1;
         Ok(())
     }
@@ -301,29 +261,18 @@ impl Emitter {
         };
         let value = serde_json::to_vec(&record)
             .map_err(|e| ProducerError::Config(format!("serializing a dead-letter record: {e}")))?;
-        let key = format!(
-            "{}:{}",
-            table.qualified,
-            record
-                .key
-                .as_ref()
-                .map_or_else(|| "?".to_string(), |k| k.to_string())
-        );
+        let key =
+            format!("{}:{}", table.qualified, record.key.as_ref().map_or_else(|| "?".to_string(), |k| k.to_string()));
         let code = violation.code();
         let metrics = &self.metrics;
         let tag = self.dead_letter_tags[table.index]
             .entry(code)
             .or_insert_with(|| DeliveryTag {
-                events: Some(
-                    metrics
-                        .dead_letters
-                        .with_label_values(&[&table.qualified, code]),
-                ),
+                events: Some(metrics.dead_letters.with_label_values(&[&table.qualified, code])),
                 bytes: None,
             })
             .clone();
-        sink.send(self.dead_letter_topic, key.as_bytes(), Some(&value), tag)
-            .await?;
+        sink.send(self.dead_letter_topic, key.as_bytes(), Some(&value), tag).await?;
         position.index += 1;
         Ok(())
     }

@@ -11,11 +11,7 @@ use walcache_common::{shutdown, telemetry};
 use walcache_producer::{Metrics, Producer, ProducerConfig, check};
 
 #[derive(Parser)]
-#[command(
-    name = "walcache-producer",
-    version,
-    about = "Postgres logical replication slot -> Kafka change events"
-)]
+#[command(name = "walcache-producer", version, about = "Postgres logical replication slot -> Kafka change events")]
 struct Cli {
     /// TOML configuration file; WALCACHE_* variables override it (WALCACHE_POSTGRES__URL ...).
     #[arg(long, short, env = "WALCACHE_CONFIG", global = true)]
@@ -80,12 +76,9 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let root = CancellationToken::new();
             shutdown::watch_signals(root.clone());
             let ops_cancel = CancellationToken::new();
-            let (addr, ops_task) = ops::serve(
-                config.ops.listen,
-                ops::router(metrics.registry.clone(), health),
-                ops_cancel.clone(),
-            )
-            .await?;
+            let (addr, ops_task) =
+                ops::serve(config.ops.listen, ops::router(metrics.registry.clone(), health), ops_cancel.clone())
+                    .await?;
             tracing::info!(%addr, "ops endpoint listening (/metrics, /healthz, /readyz)");
             let result = producer.run(root).await;
             ops_cancel.cancel();

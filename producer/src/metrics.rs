@@ -1,9 +1,7 @@
 //! The producer's Prometheus metrics. Names are constants so dashboards and alerts can refer
 //! to them; labels are low-cardinality (table, op, reason code, kind), never keys or values.
 
-use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 pub const EVENTS_TOTAL: &str = "walcache_producer_events_total";
 pub const BYTES_TOTAL: &str = "walcache_producer_bytes_total";
@@ -45,9 +43,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
-        let latency_buckets = vec![
-            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-        ];
+        let latency_buckets = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
         let m = Metrics {
             events: IntCounterVec::new(Opts::new(EVENTS_TOTAL, "Change events delivered to Kafka"), &["table", "op"])?,
             bytes: IntCounterVec::new(Opts::new(BYTES_TOTAL, "Key and value bytes delivered to Kafka"), &["table"])?,
@@ -73,7 +69,10 @@ impl Metrics {
                 Opts::new(DEAD_LETTERS_TOTAL, "Rows set aside on the dead-letter topic"),
                 &["table", "reason"],
             )?,
-            snapshot_rows: IntCounterVec::new(Opts::new(SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot"), &["table"])?,
+            snapshot_rows: IntCounterVec::new(
+                Opts::new(SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot"),
+                &["table"],
+            )?,
             snapshot_progress: GaugeVec::new(
                 Opts::new(SNAPSHOT_PROGRESS, "Initial snapshot progress per table, 0 to 1 (estimated from pg_class)"),
                 &["table"],
@@ -94,8 +93,7 @@ impl Metrics {
         m.registry.register(Box::new(m.bytes.clone()))?;
         m.registry.register(Box::new(m.transactions.clone()))?;
         m.registry.register(Box::new(m.delivery_seconds.clone()))?;
-        m.registry
-            .register(Box::new(m.commit_to_ack_seconds.clone()))?;
+        m.registry.register(Box::new(m.commit_to_ack_seconds.clone()))?;
         m.registry.register(Box::new(m.in_flight.clone()))?;
         m.registry.register(Box::new(m.confirmed_lsn.clone()))?;
         m.registry.register(Box::new(m.slot_lag_bytes.clone()))?;

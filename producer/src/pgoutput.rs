@@ -167,10 +167,7 @@ impl<'a> Cursor<'a> {
 
     fn cstr(&mut self) -> Result<String, DecodeError> {
         let rest = &self.buf[self.pos..];
-        let end = rest
-            .iter()
-            .position(|&b| b == 0)
-            .ok_or_else(|| self.err("unterminated string"))?;
+        let end = rest.iter().position(|&b| b == 0).ok_or_else(|| self.err("unterminated string"))?;
         let s = String::from_utf8_lossy(&rest[..end]).into_owned();
         self.pos += end + 1;
         Ok(s)
@@ -213,10 +210,7 @@ impl<'a> Cursor<'a> {
 
 /// Decodes one pgoutput message (not Begin/Commit/Message, which arrive parsed).
 pub fn decode(message: &[u8], tuples: &mut Tuples) -> Result<Change, DecodeError> {
-    let mut c = Cursor {
-        buf: message,
-        pos: 0,
-    };
+    let mut c = Cursor { buf: message, pos: 0 };
     let tag = c.u8()?;
     let change = match tag {
         b'R' => {
@@ -231,21 +225,12 @@ pub fn decode(message: &[u8], tuples: &mut Tuples) -> Result<Change, DecodeError
                 let name = c.cstr()?;
                 let type_oid = c.u32()?;
                 let type_modifier = c.i32()?;
-                columns.push(RelationColumn {
-                    is_key: flags & 1 == 1,
-                    name,
-                    type_oid,
-                    type_modifier,
-                });
+                columns.push(RelationColumn { is_key: flags & 1 == 1, name, type_oid, type_modifier });
             }
             Change::Relation(Relation {
                 oid,
                 // pgoutput sends an empty namespace for pg_catalog only.
-                namespace: if namespace.is_empty() {
-                    "pg_catalog".into()
-                } else {
-                    namespace
-                },
+                namespace: if namespace.is_empty() { "pg_catalog".into() } else { namespace },
                 name,
                 replica_identity,
                 columns,
@@ -264,11 +249,7 @@ pub fn decode(message: &[u8], tuples: &mut Tuples) -> Result<Change, DecodeError
             let mut old_kind = None;
             let mut marker = c.u8()?;
             if marker == b'K' || marker == b'O' {
-                old_kind = Some(if marker == b'K' {
-                    OldTuple::Key
-                } else {
-                    OldTuple::Full
-                });
+                old_kind = Some(if marker == b'K' { OldTuple::Key } else { OldTuple::Full });
                 c.tuple(&mut tuples.old)?;
                 marker = c.u8()?;
             } else {
@@ -297,11 +278,7 @@ pub fn decode(message: &[u8], tuples: &mut Tuples) -> Result<Change, DecodeError
             for _ in 0..n {
                 relations.push(c.u32()?);
             }
-            Change::Truncate {
-                relations,
-                cascade: options & 1 != 0,
-                restart_identity: options & 2 != 0,
-            }
+            Change::Truncate { relations, cascade: options & 1 != 0, restart_identity: options & 2 != 0 }
         }
         other => Change::Ignored(other),
     };
@@ -372,9 +349,7 @@ pub(crate) mod tests {
             .i32(-1)
             .0;
         let mut tuples = Tuples::default();
-        let Change::Relation(r) = decode(&rel, &mut tuples).expect("relation") else {
-            panic!("not a relation")
-        };
+        let Change::Relation(r) = decode(&rel, &mut tuples).expect("relation") else { panic!("not a relation") };
         assert_eq!(r.qualified_name(), "public.t");
         assert!(r.columns[0].is_key && !r.columns[1].is_key);
         assert_eq!(r.columns[1].type_oid, 25);
@@ -388,43 +363,22 @@ pub(crate) mod tests {
             .tuple(&[Some("2"), Some("\u{0}TOAST")])
             .0;
         let change = decode(&upd, &mut tuples).expect("update");
-        assert_eq!(
-            change,
-            Change::Update {
-                relation: 16384,
-                old_kind: Some(OldTuple::Key)
-            }
-        );
+        assert_eq!(change, Change::Update { relation: 16384, old_kind: Some(OldTuple::Key) });
         assert_eq!(tuples.old[0].bytes(&upd), b"1");
         assert_eq!(tuples.old[1].kind, ColumnKind::Null);
         assert_eq!(tuples.new[0].bytes(&upd), b"2");
         assert_eq!(tuples.new[1].kind, ColumnKind::UnchangedToast);
 
-        let trunc = MessageBuilder::default()
-            .u8(b'T')
-            .i32(2)
-            .u8(3)
-            .i32(1)
-            .i32(2)
-            .0;
+        let trunc = MessageBuilder::default().u8(b'T').i32(2).u8(3).i32(1).i32(2).0;
         assert_eq!(
             decode(&trunc, &mut tuples).expect("truncate"),
-            Change::Truncate {
-                relations: vec![1, 2],
-                cascade: true,
-                restart_identity: true
-            }
+            Change::Truncate { relations: vec![1, 2], cascade: true, restart_identity: true }
         );
     }
 
     #[test]
     fn truncated_messages_are_errors() {
-        let ins = MessageBuilder::default()
-            .u8(b'I')
-            .i32(1)
-            .u8(b'N')
-            .tuple(&[Some("hello")])
-            .0;
+        let ins = MessageBuilder::default().u8(b'I').i32(1).u8(b'N').tuple(&[Some("hello")]).0;
         let mut tuples = Tuples::default();
         decode(&ins, &mut tuples).expect("whole message decodes");
         for cut in 1..ins.len() {

@@ -43,18 +43,12 @@ pub struct Producer {
 
 impl std::fmt::Debug for Producer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Producer")
-            .field("slot", &self.config.postgres.slot)
-            .finish_non_exhaustive()
+        f.debug_struct("Producer").field("slot", &self.config.postgres.slot).finish_non_exhaustive()
     }
 }
 
 impl Producer {
-    pub fn new(
-        config: ProducerConfig,
-        metrics: Metrics,
-        health: Arc<Health>,
-    ) -> Result<Self, ProducerError> {
+    pub fn new(config: ProducerConfig, metrics: Metrics, health: Arc<Health>) -> Result<Self, ProducerError> {
         config.validate()?;
         let pg = config.pg_connection()?;
         let tables = config
@@ -67,13 +61,7 @@ impl Producer {
                     .ok_or_else(|| ProducerError::Config("contract version vanished".into()))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        Ok(Producer {
-            config,
-            pg,
-            tables,
-            metrics,
-            health,
-        })
+        Ok(Producer { config, pg, tables, metrics, health })
     }
 
     /// Runs sessions until `cancel` fires (then drains and returns `Ok`) or a definite error.
@@ -88,14 +76,9 @@ impl Producer {
                     if started.elapsed() > Duration::from_secs(60) {
                         backoff = Duration::from_millis(500);
                     }
-                    self.metrics
-                        .restarts
-                        .with_label_values(&["transient"])
-                        .inc();
+                    self.metrics.restarts.with_label_values(&["transient"]).inc();
                     self.health.set_not_ready(format!("restarting after: {e}"));
-                    let jitter = Duration::from_millis(
-                        rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1),
-                    );
+                    let jitter = Duration::from_millis(rand::random::<u64>() % (backoff.as_millis() as u64 / 2 + 1));
                     tracing::warn!(error = %e, retry_in_ms = (backoff + jitter).as_millis() as u64, "session failed; retrying");
                     tokio::select! {
                         _ = cancel.cancelled() => return Ok(()),
@@ -127,17 +110,14 @@ impl Producer {
         .with_wakeup_interval(Duration::from_secs(10))
         .with_buffer_size(8192)
         // Text output the contract parsers expect, whatever the server's defaults.
-        .with_options(
-            "-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex",
-        )
+        .with_options("-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex")
         .with_application_name(format!("walcache-producer-{}", self.config.postgres.slot))
     }
 
     async fn session(&self, cancel: &CancellationToken) -> Result<(), ProducerError> {
         let slot = self.config.postgres.slot.as_str();
         self.health.set_not_ready("connecting to Postgres");
-        let control =
-            Control::connect(&self.pg, &format!("walcache-producer-{slot}-control")).await?;
+        let control = Control::connect(&self.pg, &format!("walcache-producer-{slot}-control")).await?;
 
         // One leader per slot: the others wait here and take over when it goes.
         let mut announced = false;
@@ -145,8 +125,7 @@ impl Producer {
             if !announced {
                 let holder = control.leader_pid(slot).await?;
                 tracing::info!(holder_pid = ?holder, "another producer leads this slot; standing by to take over");
-                self.health
-                    .set_not_ready("standby: another producer leads this slot");
+                self.health.set_not_ready("standby: another producer leads this slot");
                 announced = true;
             }
             tokio::select! {
@@ -158,12 +137,9 @@ impl Producer {
         let _leader = LeaderGauge::new(&self.metrics);
         tracing::info!("leading the slot");
 
-        check::require_streaming_prerequisites(&control, &self.pg, &self.config, &self.tables)
-            .await?;
+        check::require_streaming_prerequisites(&control, &self.pg, &self.config, &self.tables).await?;
         let specs: Vec<_> = self.tables.iter().map(|t| t.spec.clone()).collect();
-        control
-            .ensure_publication(&self.config.postgres.publication, &specs)
-            .await?;
+        control.ensure_publication(&self.config.postgres.publication, &specs).await?;
 
         let kafka = &self.config.kafka;
         let metadata = Metadata::new(kafka, &format!("walcache-producer-{slot}"))?;
@@ -181,8 +157,7 @@ impl Producer {
         sink.init_offsets(&metadata).await?;
         let mut emitter = Emitter::new(&self.tables, self.tables.len(), slot, self.metrics.clone());
 
-        let marker =
-            state::last_watermark(kafka, &metadata, &self.config.topics.watermarks, slot).await?;
+        let marker = state::last_watermark(kafka, &metadata, &self.config.topics.watermarks, slot).await?;
         let existing = control.slot_info(slot).await?;
         if let Some(info) = &existing {
             let plugin_ok = info.plugin.as_deref() == Some("pgoutput");
@@ -200,19 +175,13 @@ impl Producer {
                 });
             }
         }
-        let resumable = existing.is_some()
-            && marker
-                .as_ref()
-                .is_some_and(|m| m.state == ProducerState::Streaming);
+        let resumable = existing.is_some() && marker.as_ref().is_some_and(|m| m.state == ProducerState::Streaming);
         let client = if resumable {
             tracing::info!(confirmed = ?existing.as_ref().and_then(|s| s.confirmed_flush), "resuming from the slot's confirmed position");
             let mut client = ReplicationClient::connect(self.replication_config())
                 .await
                 .map_err(|e| ProducerError::repl("connecting for replication", e))?;
-            client
-                .wait_started()
-                .await
-                .map_err(|e| ProducerError::repl("starting replication", e))?;
+            client.wait_started().await.map_err(|e| ProducerError::repl("starting replication", e))?;
             client
         } else {
             if existing.is_some() {
@@ -221,12 +190,9 @@ impl Producer {
                 );
                 control.drop_slot(slot).await?;
             } else if marker.is_some() {
-                tracing::warn!(
-                    "the slot is gone (dropped?); creating a new one, which needs a new initial snapshot"
-                );
+                tracing::warn!("the slot is gone (dropped?); creating a new one, which needs a new initial snapshot");
             }
-            self.create_slot_and_snapshot(&mut sink, &mut emitter, cancel)
-                .await?
+            self.create_slot_and_snapshot(&mut sink, &mut emitter, cancel).await?
         };
         self.stream(client, &control, sink, emitter, cancel).await
     }
@@ -270,44 +236,26 @@ impl Producer {
         let mode = self.config.snapshot.mode;
         // Recorded before the slot exists: a crash after creating it leaves "snapshotting",
         // so the next run knows the slot's snapshot is incomplete.
-        let start = Checkpoint {
-            lsn: Lsn::ZERO,
-            commit_ts_micros: now_micros(),
-            kind: CheckpointKind::Snapshot,
-        };
-        sink.publish_watermark(&sink.watermark(&start, ProducerState::Snapshotting), true)
-            .await?;
+        let start = Checkpoint { lsn: Lsn::ZERO, commit_ts_micros: now_micros(), kind: CheckpointKind::Snapshot };
+        sink.publish_watermark(&sink.watermark(&start, ProducerState::Snapshotting), true).await?;
 
         let mut client = ReplicationClient::connect_gated(self.replication_config())
             .await
             .map_err(|e| ProducerError::repl("connecting for replication", e))?;
-        let export = if mode == SnapshotMode::Initial {
-            "EXPORT_SNAPSHOT"
-        } else {
-            "NOEXPORT_SNAPSHOT"
-        };
+        let export = if mode == SnapshotMode::Initial { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
         let rows = client
-            .simple_query(&format!(
-                "CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {export}",
-                quote_ident(slot)
-            ))
+            .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {export}", quote_ident(slot)))
             .await
             .map_err(|e| ProducerError::repl(format!("creating slot {slot}"), e))?;
-        let row = rows.first().ok_or_else(|| {
-            ProducerError::Config("CREATE_REPLICATION_SLOT returned no row".into())
-        })?;
-        let text = |i: usize| {
-            row.get(i)
-                .and_then(|v| v.as_ref())
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-        };
+        let row =
+            rows.first().ok_or_else(|| ProducerError::Config("CREATE_REPLICATION_SLOT returned no row".into()))?;
+        let text = |i: usize| row.get(i).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned());
         let consistent_point = parse_lsn(&text(1).unwrap_or_default())?;
         let snapshot_ts = now_micros();
         tracing::info!(%consistent_point, "created the replication slot");
 
         if mode == SnapshotMode::Initial {
-            let snapshot_name = text(2)
-                .ok_or_else(|| ProducerError::Config("the slot exported no snapshot".into()))?;
+            let snapshot_name = text(2).ok_or_else(|| ProducerError::Config("the slot exported no snapshot".into()))?;
             self.health.set_not_ready("initial snapshot in progress");
             let started = Instant::now();
             let mut total = 0;
@@ -327,30 +275,14 @@ impl Producer {
                 .await?;
                 total += copied.rows;
             }
-            sink.flush(tokio::time::Instant::now() + Duration::from_secs(3600))
-                .await?;
-            tracing::info!(
-                rows = total,
-                secs = started.elapsed().as_secs_f64(),
-                "initial snapshot delivered"
-            );
+            sink.flush(tokio::time::Instant::now() + Duration::from_secs(3600)).await?;
+            tracing::info!(rows = total, secs = started.elapsed().as_secs_f64(), "initial snapshot delivered");
         }
-        let done = Checkpoint {
-            lsn: consistent_point,
-            commit_ts_micros: snapshot_ts,
-            kind: CheckpointKind::Snapshot,
-        };
+        let done = Checkpoint { lsn: consistent_point, commit_ts_micros: snapshot_ts, kind: CheckpointKind::Snapshot };
         sink.take_completed();
-        sink.publish_watermark(&sink.watermark(&done, ProducerState::Streaming), true)
-            .await?;
-        client
-            .start()
-            .await
-            .map_err(|e| ProducerError::repl("starting replication", e))?;
-        client
-            .wait_started()
-            .await
-            .map_err(|e| ProducerError::repl("starting replication", e))?;
+        sink.publish_watermark(&sink.watermark(&done, ProducerState::Streaming), true).await?;
+        client.start().await.map_err(|e| ProducerError::repl("starting replication", e))?;
+        client.wait_started().await.map_err(|e| ProducerError::repl("starting replication", e))?;
         Ok(client)
     }
 
@@ -365,13 +297,8 @@ impl Producer {
         let tasks = TaskTracker::new();
         let background = cancel.child_token();
         tasks.spawn(
-            background_chores(
-                control.clone(),
-                self.config.clone(),
-                self.metrics.clone(),
-                background.clone(),
-            )
-            .instrument(tracing::info_span!("chores")),
+            background_chores(control.clone(), self.config.clone(), self.metrics.clone(), background.clone())
+                .instrument(tracing::info_span!("chores")),
         );
         self.health.set_ready();
         tracing::info!("streaming changes");
@@ -385,9 +312,7 @@ impl Producer {
             last_watermark: Instant::now(),
             confirmed: None,
         };
-        let result = stream
-            .run(&mut client, control, &mut sink, &mut emitter, cancel)
-            .await;
+        let result = stream.run(&mut client, control, &mut sink, &mut emitter, cancel).await;
         let result = match result {
             Ok(()) => stream.drain(&mut client, control, &mut sink).await,
             Err(e) => Err(e),
@@ -420,20 +345,12 @@ impl Drop for LeaderGauge {
 fn lost_control() -> ProducerError {
     ProducerError::Common(walcache_common::CommonError::Io {
         context: "the control connection to Postgres ended, and with it the leader lock".into(),
-        source: std::io::Error::new(
-            std::io::ErrorKind::ConnectionAborted,
-            "control connection lost",
-        ),
+        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "control connection lost"),
     })
 }
 
 /// Heartbeats through the WAL and slot-lag measurement, beside the stream.
-async fn background_chores(
-    control: Control,
-    config: ProducerConfig,
-    metrics: Metrics,
-    cancel: CancellationToken,
-) {
+async fn background_chores(control: Control, config: ProducerConfig, metrics: Metrics, cancel: CancellationToken) {
     let slot = config.postgres.slot.clone();
     let mut heartbeat = tokio::time::interval(config.pipeline.heartbeat_interval);
     let mut lag = tokio::time::interval(config.pipeline.lag_interval);
@@ -516,11 +433,7 @@ impl Stream<'_> {
         emitter: &mut Emitter,
     ) -> Result<(), ProducerError> {
         match event {
-            ReplicationEvent::Begin {
-                final_lsn,
-                xid,
-                commit_time_micros,
-            } => {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                 self.tx = Some(Position {
                     lsn: Lsn(final_lsn.as_u64()),
                     index: 0,
@@ -529,11 +442,7 @@ impl Stream<'_> {
                     snapshot: false,
                 });
             }
-            ReplicationEvent::Commit {
-                end_lsn,
-                commit_time_micros,
-                ..
-            } => {
+            ReplicationEvent::Commit { end_lsn, commit_time_micros, .. } => {
                 self.tx = None;
                 let lsn = Lsn(end_lsn.as_u64());
                 self.last_queued = self.last_queued.max(lsn);
@@ -544,11 +453,7 @@ impl Stream<'_> {
                 });
             }
             ReplicationEvent::XLogData { data, .. } => self.change(&data, sink, emitter).await?,
-            ReplicationEvent::KeepAlive {
-                wal_end,
-                server_time_micros,
-                ..
-            } => {
+            ReplicationEvent::KeepAlive { wal_end, server_time_micros, .. } => {
                 // Between transactions everything before wal_end has been sent to us, so once
                 // it is all in Kafka the view is complete up to wal_end.
                 let lsn = Lsn(wal_end.as_u64());
@@ -571,21 +476,16 @@ impl Stream<'_> {
         Ok(())
     }
 
-    async fn change(
-        &mut self,
-        data: &[u8],
-        sink: &mut Sink,
-        emitter: &mut Emitter,
-    ) -> Result<(), ProducerError> {
+    async fn change(&mut self, data: &[u8], sink: &mut Sink, emitter: &mut Emitter) -> Result<(), ProducerError> {
         let change = pgoutput::decode(data, &mut self.tuples)?;
         let relation = match &change {
             Change::Relation(r) => {
                 self.bind(r.clone());
                 return Ok(());
             }
-            Change::Insert { relation }
-            | Change::Update { relation, .. }
-            | Change::Delete { relation, .. } => *relation,
+            Change::Insert { relation } | Change::Update { relation, .. } | Change::Delete { relation, .. } => {
+                *relation
+            }
             Change::Truncate { relations, .. } => {
                 let mut position = self.open_tx()?;
                 for oid in relations {
@@ -607,20 +507,14 @@ impl Stream<'_> {
         let t = &self.tuples;
         match change {
             Change::Insert { .. } => {
-                emitter
-                    .upsert(sink, binding, Op::Insert, data, &t.new, None, &mut position)
-                    .await?;
+                emitter.upsert(sink, binding, Op::Insert, data, &t.new, None, &mut position).await?;
             }
             Change::Update { old_kind, .. } => {
                 let old = old_kind.map(|k| (k, &t.old[..]));
-                emitter
-                    .upsert(sink, binding, Op::Update, data, &t.new, old, &mut position)
-                    .await?;
+                emitter.upsert(sink, binding, Op::Update, data, &t.new, old, &mut position).await?;
             }
             Change::Delete { old_kind, .. } => {
-                emitter
-                    .delete(sink, binding, data, old_kind, &t.old, &mut position)
-                    .await?;
+                emitter.delete(sink, binding, data, old_kind, &t.old, &mut position).await?;
             }
             Change::Relation(_) | Change::Truncate { .. } | Change::Ignored(_) => {}
         }
@@ -630,31 +524,20 @@ impl Stream<'_> {
 
     fn open_tx(&self) -> Result<Position, ProducerError> {
         self.tx.ok_or_else(|| {
-            ProducerError::Decode(pgoutput::DecodeError(
-                "a change arrived outside a transaction".into(),
-            ))
+            ProducerError::Decode(pgoutput::DecodeError("a change arrived outside a transaction".into()))
         })
     }
 
     fn bind(&mut self, relation: pgoutput::Relation) {
         let qualified = relation.qualified_name();
-        let Some(table) = self
-            .producer
-            .tables
-            .iter()
-            .find(|t| t.qualified == qualified)
-        else {
+        let Some(table) = self.producer.tables.iter().find(|t| t.qualified == qualified) else {
             self.bindings.remove(&relation.oid);
             return;
         };
         let oid = relation.oid;
         let (binding, warnings) = Binding::new(Arc::clone(table), relation);
         for w in warnings {
-            self.producer
-                .metrics
-                .schema_warnings
-                .with_label_values(&[&table.qualified, w.kind()])
-                .inc();
+            self.producer.metrics.schema_warnings.with_label_values(&[&table.qualified, w.kind()]).inc();
             match &w {
                 crate::binding::BindingWarning::ExtraColumn(c) => {
                     tracing::warn!(table = %qualified, column = %c, "column is not in the contract; ignored")
@@ -681,8 +564,7 @@ impl Stream<'_> {
         m.confirmed_lsn.set(cp.lsn.0 as f64);
         if cp.kind == CheckpointKind::Commit {
             m.transactions.inc();
-            m.commit_to_ack_seconds
-                .observe(((now_micros() - cp.commit_ts_micros).max(0) as f64) / 1e6);
+            m.commit_to_ack_seconds.observe(((now_micros() - cp.commit_ts_micros).max(0) as f64) / 1e6);
         }
         self.unpublished = Some(cp);
         self.confirmed = Some(cp);
@@ -694,8 +576,7 @@ impl Stream<'_> {
 
     async fn publish_pending(&mut self, sink: &mut Sink) -> Result<(), ProducerError> {
         if let Some(cp) = self.unpublished.take() {
-            sink.publish_watermark(&sink.watermark(&cp, ProducerState::Streaming), false)
-                .await?;
+            sink.publish_watermark(&sink.watermark(&cp, ProducerState::Streaming), false).await?;
             self.last_watermark = Instant::now();
         }
         Ok(())
@@ -718,9 +599,7 @@ impl Stream<'_> {
         self.publish_pending(sink).await?;
         if let Some(cp) = self.confirmed {
             tracing::info!(lsn = %cp.lsn, "waiting for the slot to show the confirmed position");
-            control
-                .wait_confirmed(&cfg.postgres.slot, cp.lsn, deadline)
-                .await?;
+            control.wait_confirmed(&cfg.postgres.slot, cp.lsn, deadline).await?;
             tracing::info!(lsn = %cp.lsn, "slot confirmed; shutdown complete");
         } else {
             tracing::info!("nothing new to confirm; shutdown complete");

@@ -46,9 +46,7 @@ impl std::fmt::Debug for Control {
 }
 
 pub(crate) fn parse_lsn(text: &str) -> Result<Lsn, ProducerError> {
-    text.parse().map_err(|e| {
-        ProducerError::Config(format!("server returned an LSN that does not parse: {e}"))
-    })
+    text.parse().map_err(|e| ProducerError::Config(format!("server returned an LSN that does not parse: {e}")))
 }
 
 impl Control {
@@ -66,10 +64,7 @@ impl Control {
             }
             lost_signal.cancel();
         });
-        Ok(Control {
-            client: Arc::new(client),
-            lost,
-        })
+        Ok(Control { client: Arc::new(client), lost })
     }
 
     pub fn client(&self) -> &Client {
@@ -80,10 +75,7 @@ impl Control {
     pub async fn try_lock_leader(&self, slot: &str) -> Result<bool, ProducerError> {
         let row = self
             .client
-            .query_one(
-                "SELECT pg_try_advisory_lock($1, hashtext($2))",
-                &[&LOCK_CLASS, &slot],
-            )
+            .query_one("SELECT pg_try_advisory_lock($1, hashtext($2))", &[&LOCK_CLASS, &slot])
             .await
             .map_err(|e| ProducerError::pg("taking the leader lock", e))?;
         Ok(row.get(0))
@@ -134,17 +126,10 @@ impl Control {
     }
 
     /// Creates the publication for the tables, or adds tables it lacks.
-    pub async fn ensure_publication(
-        &self,
-        name: &str,
-        tables: &[TableSpec],
-    ) -> Result<(), ProducerError> {
+    pub async fn ensure_publication(&self, name: &str, tables: &[TableSpec]) -> Result<(), ProducerError> {
         let exists = self
             .client
-            .query_opt(
-                "SELECT puballtables FROM pg_publication WHERE pubname = $1",
-                &[&name],
-            )
+            .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
             .await
             .map_err(|e| ProducerError::pg("reading pg_publication", e))?;
         let quoted = |t: &TableSpec| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
@@ -152,10 +137,7 @@ impl Control {
             None => {
                 let list = tables.iter().map(quoted).collect::<Vec<_>>().join(", ");
                 self.client
-                    .batch_execute(&format!(
-                        "CREATE PUBLICATION {} FOR TABLE {list}",
-                        quote_ident(name)
-                    ))
+                    .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {list}", quote_ident(name)))
                     .await
                     .map_err(|e| publication_error(name, e))?;
                 tracing::info!(publication = name, "created publication");
@@ -173,11 +155,7 @@ impl Control {
                         .map_err(|e| ProducerError::pg("reading pg_publication_tables", e))?;
                     if present.is_none() {
                         self.client
-                            .batch_execute(&format!(
-                                "ALTER PUBLICATION {} ADD TABLE {}",
-                                quote_ident(name),
-                                quoted(t)
-                            ))
+                            .batch_execute(&format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(name), quoted(t)))
                             .await
                             .map_err(|e| publication_error(name, e))?;
                         tracing::info!(publication = name, table = %t.qualified(), "added table to publication");
@@ -192,10 +170,7 @@ impl Control {
     /// slot as a (tiny) transaction with a commit time even when no table changes.
     pub async fn emit_heartbeat(&self, slot: &str) -> Result<(), ProducerError> {
         self.client
-            .execute(
-                "SELECT pg_logical_emit_message(true, $1, $2)",
-                &[&HEARTBEAT_PREFIX, &slot],
-            )
+            .execute("SELECT pg_logical_emit_message(true, $1, $2)", &[&HEARTBEAT_PREFIX, &slot])
             .await
             .map_err(|e| ProducerError::pg("writing a heartbeat", e))?;
         Ok(())

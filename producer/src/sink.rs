@@ -77,13 +77,7 @@ pub struct DeliveryTag {
 }
 
 enum Pending {
-    Delivery {
-        future: DeliveryFuture,
-        topic: TopicId,
-        tag: DeliveryTag,
-        size: u64,
-        enqueued: Instant,
-    },
+    Delivery { future: DeliveryFuture, topic: TopicId, tag: DeliveryTag, size: u64, enqueued: Instant },
     Checkpoint(Checkpoint),
 }
 
@@ -135,22 +129,12 @@ impl Sink {
                 ("partitioner", "murmur2_random".into()),
             ],
             &[
-                (
-                    "acks",
-                    "all",
-                    "a change is confirmed to Postgres only once every replica has it",
-                ),
-                (
-                    "enable.idempotence",
-                    "true",
-                    "retries must not duplicate or reorder a key's events",
-                ),
+                ("acks", "all", "a change is confirmed to Postgres only once every replica has it"),
+                ("enable.idempotence", "true", "retries must not duplicate or reorder a key's events"),
             ],
         )?;
         let producer: FutureProducer = cfg.create().map_err(|e| {
-            ProducerError::Common(walcache_common::CommonError::Config(format!(
-                "creating the Kafka producer: {e}"
-            )))
+            ProducerError::Common(walcache_common::CommonError::Config(format!("creating the Kafka producer: {e}")))
         })?;
         Ok(Sink {
             producer,
@@ -219,16 +203,14 @@ impl Sink {
             self.wait_completions().await?;
         }
         loop {
-            let mut record: FutureRecord<'_, [u8], [u8]> =
-                FutureRecord::to(&self.topics[topic]).key(key);
+            let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topics[topic]).key(key);
             if let Some(v) = value {
                 record = record.payload(v);
             }
             if let Some(p) = position {
-                record = record.headers(OwnedHeaders::new().insert(Header {
-                    key: POSITION_HEADER,
-                    value: Some(&p.to_header()[..]),
-                }));
+                record = record.headers(
+                    OwnedHeaders::new().insert(Header { key: POSITION_HEADER, value: Some(&p.to_header()[..]) }),
+                );
             }
             match self.producer.send_result(record) {
                 Ok(future) => {
@@ -251,10 +233,7 @@ impl Sink {
                     }
                 }
                 Err((source, _)) => {
-                    return Err(ProducerError::Delivery {
-                        topic: self.topics[topic].clone(),
-                        source,
-                    });
+                    return Err(ProducerError::Delivery { topic: self.topics[topic].clone(), source });
                 }
             }
         }
@@ -294,30 +273,15 @@ impl Sink {
                     self.queue.pop_front();
                     done += 1;
                 }
-                Pending::Delivery {
-                    future,
-                    topic,
-                    tag,
-                    size,
-                    enqueued,
-                } => match Pin::new(future).poll(cx) {
+                Pending::Delivery { future, topic, tag, size, enqueued } => match Pin::new(future).poll(cx) {
                     Poll::Pending => {
-                        return if done > 0 {
-                            Poll::Ready(Ok(done))
-                        } else {
-                            Poll::Pending
-                        };
+                        return if done > 0 { Poll::Ready(Ok(done)) } else { Poll::Pending };
                     }
                     Poll::Ready(Ok(Ok(delivery))) => {
                         let next = delivery.offset + 1;
-                        let slot = self
-                            .offsets
-                            .entry((*topic, delivery.partition))
-                            .or_insert(next);
+                        let slot = self.offsets.entry((*topic, delivery.partition)).or_insert(next);
                         *slot = (*slot).max(next);
-                        self.metrics
-                            .delivery_seconds
-                            .observe(enqueued.elapsed().as_secs_f64());
+                        self.metrics.delivery_seconds.observe(enqueued.elapsed().as_secs_f64());
                         if let Some(c) = &tag.events {
                             c.inc();
                         }
@@ -387,22 +351,14 @@ impl Sink {
     /// Publishes a watermark record. With `wait`, returns only once Kafka has it (used for the
     /// snapshot state records that decide what a restart does); otherwise its delivery is
     /// checked in the background of later calls.
-    pub async fn publish_watermark(
-        &mut self,
-        watermark: &Watermark,
-        wait: bool,
-    ) -> Result<(), ProducerError> {
+    pub async fn publish_watermark(&mut self, watermark: &Watermark, wait: bool) -> Result<(), ProducerError> {
         let bytes = watermark.encode(Registry::builtin()?)?;
-        let record: FutureRecord<'_, str, [u8]> = FutureRecord::to(&self.watermark_topic)
-            .key(self.producer_name.as_str())
-            .payload(&bytes[..]);
-        let future =
-            self.producer
-                .send_result(record)
-                .map_err(|(source, _)| ProducerError::Delivery {
-                    topic: self.watermark_topic.clone(),
-                    source,
-                })?;
+        let record: FutureRecord<'_, str, [u8]> =
+            FutureRecord::to(&self.watermark_topic).key(self.producer_name.as_str()).payload(&bytes[..]);
+        let future = self
+            .producer
+            .send_result(record)
+            .map_err(|(source, _)| ProducerError::Delivery { topic: self.watermark_topic.clone(), source })?;
         let kind = match watermark.state {
             ProducerState::Snapshotting => "snapshotting",
             ProducerState::Streaming => "streaming",
@@ -411,14 +367,10 @@ impl Sink {
         if wait {
             match future.await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err((source, _))) => Err(ProducerError::Delivery {
-                    topic: self.watermark_topic.clone(),
-                    source,
-                }),
-                Err(_) => Err(ProducerError::Delivery {
-                    topic: self.watermark_topic.clone(),
-                    source: KafkaError::Canceled,
-                }),
+                Ok(Err((source, _))) => Err(ProducerError::Delivery { topic: self.watermark_topic.clone(), source }),
+                Err(_) => {
+                    Err(ProducerError::Delivery { topic: self.watermark_topic.clone(), source: KafkaError::Canceled })
+                }
             }
         } else {
             self.watermark_deliveries.push_back(future);

@@ -195,11 +195,7 @@ pub fn parse_copy_line(line: &[u8], buf: &mut Vec<u8>, columns: &mut Vec<ColumnR
     columns.clear();
     for field in line.split(|&b| b == b'\t') {
         if field == b"\\N" {
-            columns.push(ColumnRef {
-                kind: ColumnKind::Null,
-                start: buf.len() as u32,
-                len: 0,
-            });
+            columns.push(ColumnRef { kind: ColumnKind::Null, start: buf.len() as u32, len: 0 });
             continue;
         }
         let start = buf.len();
@@ -255,11 +251,7 @@ pub fn parse_copy_line(line: &[u8], buf: &mut Vec<u8>, columns: &mut Vec<ColumnR
                 other => buf.push(other),
             }
         }
-        columns.push(ColumnRef {
-            kind: ColumnKind::Text,
-            start: start as u32,
-            len: (buf.len() - start) as u32,
-        });
+        columns.push(ColumnRef { kind: ColumnKind::Text, start: start as u32, len: (buf.len() - start) as u32 });
     }
 }
 
@@ -271,15 +263,9 @@ mod tests {
     fn copy_lines_unescape() {
         let mut buf = Vec::new();
         let mut cols = Vec::new();
-        parse_copy_line(
-            b"42\t\\N\ttab\\there\tnew\\nline\tback\\\\slash\t\\101\\x42",
-            &mut buf,
-            &mut cols,
-        );
-        let texts: Vec<Option<&[u8]>> = cols
-            .iter()
-            .map(|c| (c.kind == ColumnKind::Text).then(|| c.bytes(&buf)))
-            .collect();
+        parse_copy_line(b"42\t\\N\ttab\\there\tnew\\nline\tback\\\\slash\t\\101\\x42", &mut buf, &mut cols);
+        let texts: Vec<Option<&[u8]>> =
+            cols.iter().map(|c| (c.kind == ColumnKind::Text).then(|| c.bytes(&buf))).collect();
         assert_eq!(
             texts,
             vec![

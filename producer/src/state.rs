@@ -40,9 +40,7 @@ pub async fn last_watermark(
         &[],
     )?;
     let consumer: BaseConsumer = cfg.create().map_err(|e| {
-        ProducerError::Common(walcache_common::CommonError::Config(format!(
-            "creating a consumer: {e}"
-        )))
+        ProducerError::Common(walcache_common::CommonError::Config(format!("creating a consumer: {e}")))
     })?;
     let topic_name = topic.to_string();
     let producer_name = producer.to_string();
@@ -50,8 +48,7 @@ pub async fn last_watermark(
     let found = tokio::task::spawn_blocking(move || -> Result<Option<Vec<u8>>, String> {
         let mut tpl = TopicPartitionList::new();
         for (p, _) in &ends {
-            tpl.add_partition_offset(&topic_name, *p, Offset::Beginning)
-                .map_err(|e| e.to_string())?;
+            tpl.add_partition_offset(&topic_name, *p, Offset::Beginning).map_err(|e| e.to_string())?;
         }
         consumer.assign(&tpl).map_err(|e| e.to_string())?;
         let mut remaining: Vec<(i32, i64)> = ends;

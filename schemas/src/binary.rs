@@ -68,10 +68,7 @@ impl<'a> Reader<'a> {
         let mut n: u64 = 0;
         let mut shift = 0;
         loop {
-            let (&b, rest) = self
-                .buf
-                .split_first()
-                .ok_or_else(|| SchemaError::malformed("varint ends early"))?;
+            let (&b, rest) = self.buf.split_first().ok_or_else(|| SchemaError::malformed("varint ends early"))?;
             self.buf = rest;
             if shift >= 64 {
                 return Err(SchemaError::malformed("varint longer than 10 bytes"));
@@ -105,8 +102,7 @@ impl<'a> Reader<'a> {
 
     #[inline]
     pub fn read_str(&mut self) -> Result<&'a str, SchemaError> {
-        std::str::from_utf8(self.read_bytes()?)
-            .map_err(|_| SchemaError::malformed("string is not UTF-8"))
+        std::str::from_utf8(self.read_bytes()?).map_err(|_| SchemaError::malformed("string is not UTF-8"))
     }
 
     #[inline]
@@ -172,19 +168,7 @@ mod tests {
 
     #[test]
     fn longs_round_trip_across_varint_boundaries() {
-        for v in [
-            0i64,
-            1,
-            -1,
-            63,
-            -64,
-            64,
-            8191,
-            -8192,
-            i64::MAX,
-            i64::MIN,
-            1 << 40,
-        ] {
+        for v in [0i64, 1, -1, 63, -64, 64, 8191, -8192, i64::MAX, i64::MIN, 1 << 40] {
             let mut out = Vec::new();
             write_long(&mut out, v);
             let mut r = Reader::new(&out);
@@ -195,15 +179,7 @@ mod tests {
 
     #[test]
     fn decimals_use_minimal_twos_complement() {
-        for (v, len) in [
-            (0i128, 1),
-            (127, 1),
-            (128, 2),
-            (-128, 1),
-            (-129, 2),
-            (487, 2),
-            (-1, 1),
-        ] {
+        for (v, len) in [(0i128, 1), (127, 1), (128, 2), (-128, 1), (-129, 2), (487, 2), (-1, 1)] {
             let mut out = Vec::new();
             write_decimal(&mut out, v);
             let mut r = Reader::new(&out);

@@ -29,13 +29,7 @@ pub enum Op {
 }
 
 impl Op {
-    pub const ALL: [Op; 5] = [
-        Op::Snapshot,
-        Op::Insert,
-        Op::Update,
-        Op::Delete,
-        Op::Truncate,
-    ];
+    pub const ALL: [Op; 5] = [Op::Snapshot, Op::Insert, Op::Update, Op::Delete, Op::Truncate];
 
     /// The Avro enum symbol (and metrics label).
     pub fn as_str(self) -> &'static str {
@@ -53,9 +47,7 @@ impl Op {
     }
 
     fn from_index(i: i64) -> Option<Op> {
-        usize::try_from(i)
-            .ok()
-            .and_then(|i| Op::ALL.get(i).copied())
+        usize::try_from(i).ok().and_then(|i| Op::ALL.get(i).copied())
     }
 }
 
@@ -106,8 +98,7 @@ pub struct EnvelopeRef<'a> {
 pub fn read_envelope<'a>(row: &RowPlan, body: &'a [u8]) -> Result<EnvelopeRef<'a>, SchemaError> {
     let mut r = Reader::new(body);
     let op_index = r.read_long()?;
-    let op = Op::from_index(op_index)
-        .ok_or_else(|| SchemaError::malformed(format!("op index {op_index}")))?;
+    let op = Op::from_index(op_index).ok_or_else(|| SchemaError::malformed(format!("op index {op_index}")))?;
     let mut rows = [None, None];
     for slot in &mut rows {
         match r.read_long()? {
@@ -120,9 +111,8 @@ pub fn read_envelope<'a>(row: &RowPlan, body: &'a [u8]) -> Result<EnvelopeRef<'a
             other => return Err(SchemaError::malformed(format!("row union branch {other}"))),
         }
     }
-    let non_negative = |v: i64, what: &str| {
-        u64::try_from(v).map_err(|_| SchemaError::malformed(format!("negative {what}")))
-    };
+    let non_negative =
+        |v: i64, what: &str| u64::try_from(v).map_err(|_| SchemaError::malformed(format!("negative {what}")));
     let lsn = Lsn(non_negative(r.read_long()?, "lsn")?);
     let index = non_negative(r.read_long()?, "index")?;
     let txid = non_negative(r.read_long()?, "txid")?;
@@ -136,23 +126,14 @@ pub fn read_envelope<'a>(row: &RowPlan, body: &'a [u8]) -> Result<EnvelopeRef<'a
         op,
         before: rows[0],
         after: rows[1],
-        position: Position {
-            lsn,
-            index,
-            txid,
-            commit_ts_micros,
-            snapshot,
-        },
+        position: Position { lsn, index, txid, commit_ts_micros, snapshot },
         table,
     })
 }
 
 /// Checks that a value schema has the envelope layout this module reads and writes, and
 /// returns the row schema inside it.
-pub(crate) fn row_schema_of(
-    schema: &apache_avro::Schema,
-    file: &str,
-) -> Result<apache_avro::Schema, SchemaError> {
+pub(crate) fn row_schema_of(schema: &apache_avro::Schema, file: &str) -> Result<apache_avro::Schema, SchemaError> {
     use apache_avro::Schema;
     let invalid = |reason: &str| SchemaError::InvalidSchema {
         file: file.to_string(),
@@ -169,15 +150,9 @@ pub(crate) fn row_schema_of(
         return Err(invalid("unexpected top-level fields"));
     }
     match &record.fields[0].schema {
-        Schema::Enum(e)
-            if e.symbols
-                .iter()
-                .map(String::as_str)
-                .eq(Op::ALL.iter().map(|o| o.as_str())) => {}
+        Schema::Enum(e) if e.symbols.iter().map(String::as_str).eq(Op::ALL.iter().map(|o| o.as_str())) => {}
         _ => {
-            return Err(invalid(
-                "op must be the enum [snapshot, insert, update, delete, truncate]",
-            ));
+            return Err(invalid("op must be the enum [snapshot, insert, update, delete, truncate]"));
         }
     }
     let row = match &record.fields[1].schema {
@@ -188,11 +163,7 @@ pub(crate) fn row_schema_of(
         _ => return Err(invalid("before must be a union")),
     };
     match &record.fields[2].schema {
-        Schema::Union(u)
-            if matches!(
-                u.variants(),
-                [Schema::Null, Schema::Ref { .. } | Schema::Record(_)]
-            ) => {}
+        Schema::Union(u) if matches!(u.variants(), [Schema::Null, Schema::Ref { .. } | Schema::Record(_)]) => {}
         _ => return Err(invalid("after must be [\"null\", <row record>]")),
     }
     let Schema::Record(source) = &record.fields[3].schema else {

@@ -25,11 +25,7 @@ pub enum SchemaError {
     /// The fingerprint is known but belongs to another contract or role (a key where a value was
     /// expected, another table's schema).
     #[error("schema fingerprint {fingerprint:016x} is {found}, expected {expected}")]
-    WrongSchema {
-        fingerprint: u64,
-        found: String,
-        expected: String,
-    },
+    WrongSchema { fingerprint: u64, found: String, expected: String },
 
     /// The bytes end early or hold an impossible value for the schema.
     #[error("malformed Avro data: {0}")]

@@ -43,10 +43,7 @@ mod tests {
 
     #[test]
     fn garbage_is_not_single_object() {
-        assert!(matches!(
-            split(b"hello world"),
-            Err(SchemaError::NotSingleObject)
-        ));
+        assert!(matches!(split(b"hello world"), Err(SchemaError::NotSingleObject)));
         assert!(matches!(split(&[0xC3]), Err(SchemaError::NotSingleObject)));
     }
 }

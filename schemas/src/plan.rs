@@ -94,10 +94,7 @@ pub struct RowPlan {
 impl RowPlan {
     /// Compiles a record schema. `file` names the schema in errors.
     pub fn from_record(schema: &Schema, file: &str) -> Result<Self, SchemaError> {
-        let invalid = |reason: String| SchemaError::InvalidSchema {
-            file: file.to_string(),
-            reason,
-        };
+        let invalid = |reason: String| SchemaError::InvalidSchema { file: file.to_string(), reason };
         let Schema::Record(record) = schema else {
             return Err(invalid("a table contract must be an Avro record".into()));
         };
@@ -108,20 +105,8 @@ impl RowPlan {
                 Schema::Union(union) => {
                     let variants = union.variants();
                     match variants {
-                        [Schema::Null, inner] => (
-                            inner,
-                            Some(NullUnion {
-                                null_index: 0,
-                                value_index: 1,
-                            }),
-                        ),
-                        [inner, Schema::Null] => (
-                            inner,
-                            Some(NullUnion {
-                                null_index: 1,
-                                value_index: 0,
-                            }),
-                        ),
+                        [Schema::Null, inner] => (inner, Some(NullUnion { null_index: 0, value_index: 1 })),
+                        [inner, Schema::Null] => (inner, Some(NullUnion { null_index: 1, value_index: 0 })),
                         _ => {
                             return Err(invalid(format!(
                                 "field {}: only unions of null and one type are supported",
@@ -132,8 +117,8 @@ impl RowPlan {
                 }
                 other => (other, None),
             };
-            let kind = field_kind(inner, &mut named)
-                .map_err(|reason| invalid(format!("field {}: {reason}", field.name)))?;
+            let kind =
+                field_kind(inner, &mut named).map_err(|reason| invalid(format!("field {}: {reason}", field.name)))?;
             let bound = |attr: &str| -> Result<(Option<Bound>, Option<String>), SchemaError> {
                 let Some(raw) = field.custom_attributes.get(attr) else {
                     return Ok((None, None));
@@ -142,17 +127,12 @@ impl RowPlan {
                     Json::String(s) => s.clone(),
                     Json::Number(n) => n.to_string(),
                     _ => {
-                        return Err(invalid(format!(
-                            "field {}: {attr} must be a number or a string",
-                            field.name
-                        )));
+                        return Err(invalid(format!("field {}: {attr} must be a number or a string", field.name)));
                     }
                 };
                 let parsed = match &kind {
                     FieldKind::Decimal { precision, scale } => {
-                        crate::text::parse_decimal(text.as_bytes(), *precision, *scale)
-                            .map(Bound::Unscaled)
-                            .ok()
+                        crate::text::parse_decimal(text.as_bytes(), *precision, *scale).map(Bound::Unscaled).ok()
                     }
                     FieldKind::Int | FieldKind::Long | FieldKind::Float | FieldKind::Double => {
                         text.parse::<f64>().ok().map(Bound::Number)
@@ -167,34 +147,17 @@ impl RowPlan {
                 };
                 match parsed {
                     Some(b) => Ok((Some(b), Some(text))),
-                    None => Err(invalid(format!(
-                        "field {}: {attr} {text:?} does not fit the field's type",
-                        field.name
-                    ))),
+                    None => {
+                        Err(invalid(format!("field {}: {attr} {text:?} does not fit the field's type", field.name)))
+                    }
                 }
             };
             let (min, min_text) = bound("walcache.min")?;
             let (max, max_text) = bound("walcache.max")?;
-            fields.push(FieldPlan {
-                name: field.name.clone(),
-                kind,
-                nullable,
-                min,
-                max,
-                min_text,
-                max_text,
-            });
+            fields.push(FieldPlan { name: field.name.clone(), kind, nullable, min, max, min_text, max_text });
         }
-        let by_name = fields
-            .iter()
-            .enumerate()
-            .map(|(i, f)| (f.name.clone(), i))
-            .collect();
-        Ok(RowPlan {
-            name: record.name.to_string(),
-            fields,
-            by_name,
-        })
+        let by_name = fields.iter().enumerate().map(|(i, f)| (f.name.clone(), i)).collect();
+        Ok(RowPlan { name: record.name.to_string(), fields, by_name })
     }
 
     /// The index of a field by name.
@@ -230,10 +193,7 @@ impl RowPlan {
     }
 }
 
-fn field_kind(
-    schema: &Schema,
-    named: &mut HashMap<String, FieldKind>,
-) -> Result<FieldKind, String> {
+fn field_kind(schema: &Schema, named: &mut HashMap<String, FieldKind>) -> Result<FieldKind, String> {
     Ok(match schema {
         Schema::Boolean => FieldKind::Boolean,
         Schema::Int => FieldKind::Int,
@@ -249,10 +209,7 @@ fn field_kind(
             if d.precision > 38 {
                 return Err("decimal precision above 38 is not supported".into());
             }
-            FieldKind::Decimal {
-                precision: d.precision as u32,
-                scale: d.scale as u32,
-            }
+            FieldKind::Decimal { precision: d.precision as u32, scale: d.scale as u32 }
         }
         Schema::TimestampMicros => FieldKind::TimestampMicros,
         Schema::TimestampMillis => FieldKind::TimestampMillis,
@@ -260,19 +217,16 @@ fn field_kind(
         Schema::Date => FieldKind::Date,
         Schema::Uuid(UuidSchema::String) => FieldKind::Uuid,
         Schema::Enum(e) => {
-            let kind = FieldKind::Enum {
-                symbols: e.symbols.clone(),
-            };
+            let kind = FieldKind::Enum { symbols: e.symbols.clone() };
             named.insert(e.name.to_string(), kind.clone());
             kind
         }
-        Schema::Ref { name } => named.get(&name.to_string()).cloned().ok_or_else(|| {
-            format!("reference to {name} which is not an enum defined earlier in the record")
-        })?,
+        Schema::Ref { name } => named
+            .get(&name.to_string())
+            .cloned()
+            .ok_or_else(|| format!("reference to {name} which is not an enum defined earlier in the record"))?,
         other => {
-            return Err(format!(
-                "type {other:?} is not supported in a table contract"
-            ));
+            return Err(format!("type {other:?} is not supported in a table contract"));
         }
     })
 }
@@ -286,9 +240,7 @@ impl FieldPlan {
                 binary::write_long(out, u.null_index);
                 Ok(())
             }
-            None => Err(crate::Violation::Null {
-                field: self.name.clone(),
-            }),
+            None => Err(crate::Violation::Null { field: self.name.clone() }),
         }
     }
 
@@ -307,10 +259,7 @@ impl FieldPlan {
                 return Ok(());
             }
             if branch != u.value_index {
-                return Err(SchemaError::malformed(format!(
-                    "field {}: union branch {branch}",
-                    self.name
-                )));
+                return Err(SchemaError::malformed(format!("field {}: union branch {branch}", self.name)));
             }
         }
         match &self.kind {
@@ -346,10 +295,7 @@ impl FieldPlan {
                 return Ok(Json::Null);
             }
             if branch != u.value_index {
-                return Err(SchemaError::malformed(format!(
-                    "field {}: union branch {branch}",
-                    self.name
-                )));
+                return Err(SchemaError::malformed(format!("field {}: union branch {branch}", self.name)));
             }
         }
         Ok(match &self.kind {
@@ -363,22 +309,17 @@ impl FieldPlan {
                 use base64::Engine;
                 Json::String(base64::engine::general_purpose::STANDARD.encode(r.read_bytes()?))
             }
-            FieldKind::Decimal { scale, .. } => {
-                Json::String(binary::format_decimal(r.read_decimal()?, *scale))
-            }
+            FieldKind::Decimal { scale, .. } => Json::String(binary::format_decimal(r.read_decimal()?, *scale)),
             FieldKind::TimestampMicros => Json::String(micros_to_rfc3339(r.read_long()?)),
-            FieldKind::TimestampMillis => {
-                Json::String(micros_to_rfc3339(r.read_long()?.saturating_mul(1000)))
-            }
+            FieldKind::TimestampMillis => Json::String(micros_to_rfc3339(r.read_long()?.saturating_mul(1000))),
             FieldKind::LocalTimestampMicros => {
                 let text = micros_to_rfc3339(r.read_long()?);
                 Json::String(text.trim_end_matches('Z').to_string())
             }
             FieldKind::Date => {
                 let days = r.read_int()?;
-                let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 1).and_then(|epoch| {
-                    epoch.checked_add_signed(chrono::TimeDelta::days(i64::from(days)))
-                });
+                let date = chrono::NaiveDate::from_ymd_opt(1970, 1, 1)
+                    .and_then(|epoch| epoch.checked_add_signed(chrono::TimeDelta::days(i64::from(days))));
                 match date {
                     Some(d) => Json::String(d.format("%Y-%m-%d").to_string()),
                     None => return Err(SchemaError::malformed("date out of range")),
@@ -390,10 +331,7 @@ impl FieldPlan {
                 match symbol {
                     Some(s) => Json::String(s.clone()),
                     None => {
-                        return Err(SchemaError::malformed(format!(
-                            "field {}: enum index {index}",
-                            self.name
-                        )));
+                        return Err(SchemaError::malformed(format!("field {}: enum index {index}", self.name)));
                     }
                 }
             }

@@ -175,39 +175,18 @@ mod tests {
 
     #[test]
     fn snapshot_rows_rank_below_streamed_changes_at_the_same_lsn() {
-        let snap = Position {
-            lsn: Lsn(100),
-            index: 7,
-            snapshot: true,
-            ..Position::default()
-        };
-        let streamed = Position {
-            lsn: Lsn(100),
-            index: 0,
-            ..Position::default()
-        };
+        let snap = Position { lsn: Lsn(100), index: 7, snapshot: true, ..Position::default() };
+        let streamed = Position { lsn: Lsn(100), index: 0, ..Position::default() };
         assert!(streamed.is_newer_than(&snap));
         assert!(!snap.is_newer_than(&streamed));
-        assert!(
-            !streamed.is_newer_than(&streamed),
-            "a duplicate is not newer"
-        );
-        let later = Position {
-            lsn: Lsn(101),
-            ..Position::default()
-        };
+        assert!(!streamed.is_newer_than(&streamed), "a duplicate is not newer");
+        let later = Position { lsn: Lsn(101), ..Position::default() };
         assert!(later.is_newer_than(&streamed));
     }
 
     #[test]
     fn positions_round_trip_through_the_header_form() {
-        let pos = Position {
-            lsn: Lsn(0x1234_5678_9ABC),
-            index: 7,
-            txid: 991,
-            commit_ts_micros: -5,
-            snapshot: true,
-        };
+        let pos = Position { lsn: Lsn(0x1234_5678_9ABC), index: 7, txid: 991, commit_ts_micros: -5, snapshot: true };
         assert_eq!(Position::from_header(&pos.to_header()), Some(pos));
         assert_eq!(Position::from_header(b"short"), None);
     }

@@ -37,21 +37,13 @@ pub struct SchemaDoc {
 
 impl SchemaDoc {
     fn parse(file: &'static str, text: &'static str) -> Result<Self, SchemaError> {
-        let schema = Schema::parse_str(text).map_err(|e| SchemaError::InvalidSchema {
-            file: file.to_string(),
-            reason: e.to_string(),
-        })?;
+        let schema = Schema::parse_str(text)
+            .map_err(|e| SchemaError::InvalidSchema { file: file.to_string(), reason: e.to_string() })?;
         let fp = schema.fingerprint::<Rabin>();
         let mut bytes = [0u8; 8];
         bytes.copy_from_slice(&fp.bytes[..8]);
         let fingerprint = u64::from_le_bytes(bytes);
-        Ok(SchemaDoc {
-            file,
-            text,
-            schema,
-            fingerprint,
-            header: framing::header(fingerprint),
-        })
+        Ok(SchemaDoc { file, text, schema, fingerprint, header: framing::header(fingerprint) })
     }
 }
 
@@ -91,13 +83,7 @@ impl Contract {
     pub fn key_from_text(&self, values: &[&str]) -> Result<Vec<u8>, Violation> {
         if values.len() != self.key_plan.fields.len() {
             return Err(Violation::MissingKey {
-                field: self
-                    .key_plan
-                    .fields
-                    .iter()
-                    .map(|f| f.name.as_str())
-                    .collect::<Vec<_>>()
-                    .join(","),
+                field: self.key_plan.fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(","),
             });
         }
         let mut out = Vec::with_capacity(16);
@@ -113,20 +99,14 @@ impl Contract {
         match (value, self.key_plan.fields.as_slice()) {
             (serde_json::Value::Object(map), fields) => {
                 for field in fields {
-                    let v = map.get(&field.name).ok_or_else(|| Violation::MissingKey {
-                        field: field.name.clone(),
-                    })?;
+                    let v = map.get(&field.name).ok_or_else(|| Violation::MissingKey { field: field.name.clone() })?;
                     field.write_json(&mut out, v)?;
                 }
             }
             (scalar, [field]) => field.write_json(&mut out, scalar)?,
             (_, fields) => {
                 return Err(Violation::MissingKey {
-                    field: fields
-                        .iter()
-                        .map(|f| f.name.as_str())
-                        .collect::<Vec<_>>()
-                        .join(","),
+                    field: fields.iter().map(|f| f.name.as_str()).collect::<Vec<_>>().join(","),
                 });
             }
         }
@@ -143,12 +123,7 @@ impl Contract {
 
     /// Re-encodes a row written with version `from` as version `to`, by Avro schema resolution
     /// (new fields take their defaults, removed fields are dropped).
-    pub fn resolve_row(
-        &self,
-        from: &ValueVersion,
-        to: &ValueVersion,
-        row: &[u8],
-    ) -> Result<Vec<u8>, SchemaError> {
+    pub fn resolve_row(&self, from: &ValueVersion, to: &ValueVersion, row: &[u8]) -> Result<Vec<u8>, SchemaError> {
         if from.version == to.version {
             return Ok(row.to_vec());
         }
@@ -156,8 +131,7 @@ impl Contract {
             .reader_schema(&to.row_schema)
             .build()?;
         let value = reader.read_value(&mut &row[..])?;
-        let writer =
-            apache_avro::writer::datum::GenericDatumWriter::builder(&to.row_schema).build()?;
+        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&to.row_schema).build()?;
         Ok(writer.write_value_to_vec(value)?)
     }
 }
@@ -204,25 +178,18 @@ macro_rules! avsc {
 const CONTRACTS: &[ContractFiles] = &[ContractFiles {
     name: "courier_performance",
     key: avsc!("courier_performance/key.v1.avsc"),
-    values: &[
-        avsc!(1, "courier_performance/value.v1.avsc"),
-        avsc!(2, "courier_performance/value.v2.avsc"),
-    ],
+    values: &[avsc!(1, "courier_performance/value.v1.avsc"), avsc!(2, "courier_performance/value.v2.avsc")],
 }];
 const WATERMARK: (&str, &str) = avsc!("watermark.v1.avsc");
 
-static BUILTIN: LazyLock<Result<Registry, String>> =
-    LazyLock::new(|| Registry::load().map_err(|e| e.to_string()));
+static BUILTIN: LazyLock<Result<Registry, String>> = LazyLock::new(|| Registry::load().map_err(|e| e.to_string()));
 
 impl Registry {
     /// The registry of embedded contracts, loaded once.
     pub fn builtin() -> Result<&'static Registry, SchemaError> {
         BUILTIN
             .as_ref()
-            .map_err(|reason| SchemaError::InvalidSchema {
-                file: "embedded schemas".into(),
-                reason: reason.clone(),
-            })
+            .map_err(|reason| SchemaError::InvalidSchema { file: "embedded schemas".into(), reason: reason.clone() })
     }
 
     fn load() -> Result<Registry, SchemaError> {
@@ -238,26 +205,16 @@ impl Registry {
                 let row = Arc::new(RowPlan::from_record(&row_schema, file)?);
                 for kf in &key_plan.fields {
                     match row.index_of(&kf.name) {
-                        Some(i)
-                            if row.fields[i].kind == kf.kind
-                                && row.fields[i].nullable.is_none() => {}
+                        Some(i) if row.fields[i].kind == kf.kind && row.fields[i].nullable.is_none() => {}
                         _ => {
                             return Err(SchemaError::InvalidSchema {
                                 file: file.to_string(),
-                                reason: format!(
-                                    "key field {} must be a non-null row field of the same type",
-                                    kf.name
-                                ),
+                                reason: format!("key field {} must be a non-null row field of the same type", kf.name),
                             });
                         }
                     }
                 }
-                versions.push(ValueVersion {
-                    version,
-                    doc,
-                    row_schema,
-                    row,
-                });
+                versions.push(ValueVersion { version, doc, row_schema, row });
             }
             if versions.is_empty() {
                 return Err(SchemaError::InvalidSchema {
@@ -268,25 +225,13 @@ impl Registry {
             let index = contracts.len();
             by_fingerprint.insert(key.fingerprint, (Some(index), Role::Key));
             for v in &versions {
-                by_fingerprint.insert(
-                    v.doc.fingerprint,
-                    (Some(index), Role::Value { version: v.version }),
-                );
+                by_fingerprint.insert(v.doc.fingerprint, (Some(index), Role::Value { version: v.version }));
             }
-            contracts.push(Contract {
-                name: files.name,
-                key,
-                key_plan,
-                versions,
-            });
+            contracts.push(Contract { name: files.name, key, key_plan, versions });
         }
         let watermark = SchemaDoc::parse(WATERMARK.0, WATERMARK.1)?;
         by_fingerprint.insert(watermark.fingerprint, (None, Role::Watermark));
-        Ok(Registry {
-            contracts,
-            by_fingerprint,
-            watermark,
-        })
+        Ok(Registry { contracts, by_fingerprint, watermark })
     }
 
     pub fn contracts(&self) -> &[Contract] {
@@ -294,35 +239,20 @@ impl Registry {
     }
 
     pub fn contract(&self, name: &str) -> Result<&Contract, SchemaError> {
-        self.contracts
-            .iter()
-            .find(|c| c.name == name)
-            .ok_or_else(|| SchemaError::UnknownContract {
-                name: name.to_string(),
-                known: self
-                    .contracts
-                    .iter()
-                    .map(|c| c.name)
-                    .collect::<Vec<_>>()
-                    .join(", "),
-            })
+        self.contracts.iter().find(|c| c.name == name).ok_or_else(|| SchemaError::UnknownContract {
+            name: name.to_string(),
+            known: self.contracts.iter().map(|c| c.name).collect::<Vec<_>>().join(", "),
+        })
     }
 
     /// What a fingerprint identifies.
     pub fn lookup(&self, fingerprint: u64) -> Result<(Option<&Contract>, Role), SchemaError> {
-        let (index, role) = self
-            .by_fingerprint
-            .get(&fingerprint)
-            .ok_or(SchemaError::UnknownSchema { fingerprint })?;
+        let (index, role) = self.by_fingerprint.get(&fingerprint).ok_or(SchemaError::UnknownSchema { fingerprint })?;
         Ok((index.map(|i| &self.contracts[i]), *role))
     }
 
     /// Decodes a change message of `expected` contract.
-    pub fn decode_value<'a>(
-        &'a self,
-        expected: &Contract,
-        message: &'a [u8],
-    ) -> Result<DecodedValue<'a>, SchemaError> {
+    pub fn decode_value<'a>(&'a self, expected: &Contract, message: &'a [u8]) -> Result<DecodedValue<'a>, SchemaError> {
         let (fingerprint, body) = framing::split(message)?;
         let (contract, role) = self.lookup(fingerprint)?;
         let (contract, version) = match (contract, role) {
@@ -335,23 +265,13 @@ impl Registry {
                 });
             }
         };
-        let version = contract
-            .version(version)
-            .ok_or(SchemaError::UnknownSchema { fingerprint })?;
+        let version = contract.version(version).ok_or(SchemaError::UnknownSchema { fingerprint })?;
         let envelope = read_envelope(&version.row, body)?;
-        Ok(DecodedValue {
-            contract,
-            version,
-            envelope,
-        })
+        Ok(DecodedValue { contract, version, envelope })
     }
 
     /// Checks a key message of `expected` contract and returns its body.
-    pub fn decode_key<'a>(
-        &self,
-        expected: &Contract,
-        message: &'a [u8],
-    ) -> Result<&'a [u8], SchemaError> {
+    pub fn decode_key<'a>(&self, expected: &Contract, message: &'a [u8]) -> Result<&'a [u8], SchemaError> {
         let (fingerprint, body) = framing::split(message)?;
         if fingerprint != expected.key.fingerprint {
             let found = self.lookup(fingerprint).map(|(c, r)| describe(c, r))?;

@@ -72,20 +72,16 @@ impl fmt::Display for Violation {
             }
             Violation::OutOfRange { field, rule } => write!(f, "{field} is {rule}"),
             Violation::BadEnum { field, symbols } => {
-                write!(
-                    f,
-                    "{field} is not one of the contract's symbols [{symbols}]"
-                )
+                write!(f, "{field} is not one of the contract's symbols [{symbols}]")
             }
             Violation::UnchangedToast { field } => write!(
                 f,
                 "{field} is an unchanged TOASTed value that the update does not carry; \
                  set REPLICA IDENTITY FULL on the table so updates carry every column"
             ),
-            Violation::MissingColumn { field } => write!(
-                f,
-                "the table has no column {field}, which the contract requires (dropped or renamed?)"
-            ),
+            Violation::MissingColumn { field } => {
+                write!(f, "the table has no column {field}, which the contract requires (dropped or renamed?)")
+            }
             Violation::MissingKey { field } => {
                 write!(f, "key column {field} is missing, so the row has no key")
             }
@@ -100,10 +96,7 @@ impl FieldPlan {
     /// and must be discarded.
     pub fn write_text(&self, out: &mut Vec<u8>, text: &[u8]) -> Result<(), Violation> {
         self.write_value_branch(out);
-        let unparseable = || Violation::Unparseable {
-            field: self.name.clone(),
-            expected: self.kind.describe(),
-        };
+        let unparseable = || Violation::Unparseable { field: self.name.clone(), expected: self.kind.describe() };
         match &self.kind {
             FieldKind::Boolean => {
                 let v = match text {
@@ -115,8 +108,7 @@ impl FieldPlan {
             }
             FieldKind::Int => {
                 let v = parse_i64(text).ok_or_else(unparseable)?;
-                let v = i32::try_from(v)
-                    .map_err(|_| self.out_of_range("outside the 32-bit int range".into()))?;
+                let v = i32::try_from(v).map_err(|_| self.out_of_range("outside the 32-bit int range".into()))?;
                 self.check_number(f64::from(v))?;
                 binary::write_long(out, i64::from(v));
             }
@@ -167,18 +159,14 @@ impl FieldPlan {
             }
             FieldKind::Date => {
                 let days = parse_date(text).ok_or_else(|| self.timestamp_error(text))?;
-                let days = i32::try_from(days)
-                    .map_err(|_| self.out_of_range("outside the Avro date range".into()))?;
+                let days = i32::try_from(days).map_err(|_| self.out_of_range("outside the Avro date range".into()))?;
                 binary::write_long(out, i64::from(days));
             }
             FieldKind::Enum { symbols } => {
                 let index = symbols
                     .iter()
                     .position(|s| s.as_bytes() == text)
-                    .ok_or_else(|| Violation::BadEnum {
-                        field: self.name.clone(),
-                        symbols: symbols.join(", "),
-                    })?;
+                    .ok_or_else(|| Violation::BadEnum { field: self.name.clone(), symbols: symbols.join(", ") })?;
                 binary::write_long(out, index as i64);
             }
         }
@@ -192,10 +180,9 @@ impl FieldPlan {
             Json::Bool(b) => self.write_text(out, if *b { b"t" } else { b"f" }),
             Json::Number(n) => self.write_text(out, n.to_string().as_bytes()),
             Json::String(s) => self.write_text(out, s.as_bytes()),
-            Json::Array(_) | Json::Object(_) => Err(Violation::Unparseable {
-                field: self.name.clone(),
-                expected: self.kind.describe(),
-            }),
+            Json::Array(_) | Json::Object(_) => {
+                Err(Violation::Unparseable { field: self.name.clone(), expected: self.kind.describe() })
+            }
         }
     }
 
@@ -205,33 +192,20 @@ impl FieldPlan {
 
     fn timestamp_error(&self, text: &[u8]) -> Violation {
         // Postgres prints these for values Avro's long micros cannot hold.
-        if text.eq_ignore_ascii_case(b"infinity")
-            || text.eq_ignore_ascii_case(b"-infinity")
-            || text.ends_with(b" BC")
-        {
-            self.out_of_range(
-                "infinite or before the common era, which the contract cannot represent".into(),
-            )
+        if text.eq_ignore_ascii_case(b"infinity") || text.eq_ignore_ascii_case(b"-infinity") || text.ends_with(b" BC") {
+            self.out_of_range("infinite or before the common era, which the contract cannot represent".into())
         } else {
-            Violation::Unparseable {
-                field: self.name.clone(),
-                expected: self.kind.describe(),
-            }
+            Violation::Unparseable { field: self.name.clone(), expected: self.kind.describe() }
         }
     }
 
     fn out_of_range(&self, rule: String) -> Violation {
-        Violation::OutOfRange {
-            field: self.name.clone(),
-            rule,
-        }
+        Violation::OutOfRange { field: self.name.clone(), rule }
     }
 
     fn check_number(&self, v: f64) -> Result<(), Violation> {
         if v.is_nan() && (self.min.is_some() || self.max.is_some()) {
-            return Err(self.out_of_range(
-                "not a number, so it cannot lie between the contract's bounds".into(),
-            ));
+            return Err(self.out_of_range("not a number, so it cannot lie between the contract's bounds".into()));
         }
         if let (Some(Bound::Number(min)), Some(text)) = (&self.min, &self.min_text)
             && v < *min
@@ -277,11 +251,7 @@ fn parse_i64(text: &[u8]) -> Option<i64> {
             return None;
         }
         acc = acc.checked_mul(10)?;
-        acc = if negative {
-            acc.checked_sub(i64::from(b - b'0'))?
-        } else {
-            acc.checked_add(i64::from(b - b'0'))?
-        };
+        acc = if negative { acc.checked_sub(i64::from(b - b'0'))? } else { acc.checked_add(i64::from(b - b'0'))? };
     }
     Some(acc)
 }
@@ -321,9 +291,7 @@ pub fn parse_decimal(text: &[u8], precision: u32, scale: u32) -> Result<i128, De
     }
     let scale_us = scale as usize;
     if frac_part.len() > scale_us && frac_part[scale_us..].iter().any(|&b| b != b'0') {
-        return Err(DecimalError::Rule(format!(
-            "more precise than {scale} decimal places"
-        )));
+        return Err(DecimalError::Rule(format!("more precise than {scale} decimal places")));
     }
     let overflow = || DecimalError::Rule(format!("more than {precision} significant digits"));
     let mut acc: i128 = 0;
@@ -331,10 +299,7 @@ pub fn parse_decimal(text: &[u8], precision: u32, scale: u32) -> Result<i128, De
     let frac_used = &frac_part[..frac_part.len().min(scale_us)];
     let padding = scale_us - frac_used.len();
     for &b in int_part.iter().chain(frac_used.iter()) {
-        acc = acc
-            .checked_mul(10)
-            .and_then(|a| a.checked_add(i128::from(b - b'0')))
-            .ok_or_else(overflow)?;
+        acc = acc.checked_mul(10).and_then(|a| a.checked_add(i128::from(b - b'0'))).ok_or_else(overflow)?;
         if acc != 0 {
             significant += 1;
         }
@@ -376,9 +341,7 @@ fn digits(text: &[u8], n: usize) -> Option<u32> {
     if text.len() < n {
         return None;
     }
-    text[..n].iter().try_fold(0u32, |acc, &b| {
-        b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0'))
-    })
+    text[..n].iter().try_fold(0u32, |acc, &b| b.is_ascii_digit().then(|| acc * 10 + u32::from(b - b'0')))
 }
 
 /// Parses `YYYY-MM-DD` (4 or more year digits) and returns (days since epoch, rest).
@@ -461,8 +424,7 @@ pub fn parse_timestamp_micros(text: &[u8]) -> Option<i64> {
         }
         _ => return None,
     };
-    let secs = days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second)
-        - offset_secs;
+    let secs = days * 86_400 + i64::from(hour) * 3600 + i64::from(minute) * 60 + i64::from(second) - offset_secs;
     secs.checked_mul(1_000_000)?.checked_add(micros_frac)
 }
 
@@ -481,9 +443,7 @@ fn parse_bytea_hex(text: &[u8]) -> Option<Vec<u8>> {
         return None;
     }
     let nibble = |b: u8| (b as char).to_digit(16);
-    hex.chunks_exact(2)
-        .map(|pair| Some((nibble(pair[0])? * 16 + nibble(pair[1])?) as u8))
-        .collect()
+    hex.chunks_exact(2).map(|pair| Some((nibble(pair[0])? * 16 + nibble(pair[1])?) as u8)).collect()
 }
 
 #[cfg(test)]
@@ -495,34 +455,13 @@ mod tests {
         let base = parse_timestamp_micros(b"2026-11-22 03:47:00+00").expect("pg form");
         assert_eq!(base, 1_795_319_220_000_000);
         assert_eq!(parse_timestamp_micros(b"2026-11-22T03:47:00Z"), Some(base));
-        assert_eq!(
-            parse_timestamp_micros(b"2026-11-22 05:47:00+02"),
-            Some(base)
-        );
-        assert_eq!(
-            parse_timestamp_micros(b"2026-11-22 09:17:00+05:30"),
-            Some(base)
-        );
-        assert_eq!(
-            parse_timestamp_micros(b"2026-11-21 19:47:00-08"),
-            Some(base)
-        );
-        assert_eq!(
-            parse_timestamp_micros(b"2026-11-22 03:47:00.5+00"),
-            Some(base + 500_000)
-        );
-        assert_eq!(
-            parse_timestamp_micros(b"2026-11-22 03:47:00.123456+00"),
-            Some(base + 123_456)
-        );
-        assert_eq!(
-            parse_timestamp_micros(b"1969-12-31 23:59:59.999999"),
-            Some(-1)
-        );
-        assert_eq!(
-            parse_timestamp_micros(b"2024-02-29 00:00:00"),
-            Some(1_709_164_800_000_000)
-        );
+        assert_eq!(parse_timestamp_micros(b"2026-11-22 05:47:00+02"), Some(base));
+        assert_eq!(parse_timestamp_micros(b"2026-11-22 09:17:00+05:30"), Some(base));
+        assert_eq!(parse_timestamp_micros(b"2026-11-21 19:47:00-08"), Some(base));
+        assert_eq!(parse_timestamp_micros(b"2026-11-22 03:47:00.5+00"), Some(base + 500_000));
+        assert_eq!(parse_timestamp_micros(b"2026-11-22 03:47:00.123456+00"), Some(base + 123_456));
+        assert_eq!(parse_timestamp_micros(b"1969-12-31 23:59:59.999999"), Some(-1));
+        assert_eq!(parse_timestamp_micros(b"2024-02-29 00:00:00"), Some(1_709_164_800_000_000));
         assert_eq!(parse_timestamp_micros(b"2023-02-29 00:00:00"), None);
         assert_eq!(parse_timestamp_micros(b"infinity"), None);
         assert_eq!(parse_timestamp_micros(b"2026-13-01 00:00:00"), None);
@@ -544,18 +483,9 @@ mod tests {
         assert_eq!(parse_decimal(b"5", 3, 2), Ok(500));
         assert_eq!(parse_decimal(b"-0.05", 3, 2), Ok(-5));
         assert_eq!(parse_decimal(b"4.870", 3, 2), Ok(487));
-        assert!(matches!(
-            parse_decimal(b"4.875", 3, 2),
-            Err(DecimalError::Rule(_))
-        ));
-        assert!(matches!(
-            parse_decimal(b"12.00", 3, 2),
-            Err(DecimalError::Rule(_))
-        ));
-        assert!(matches!(
-            parse_decimal(b"NaN", 3, 2),
-            Err(DecimalError::Rule(_))
-        ));
+        assert!(matches!(parse_decimal(b"4.875", 3, 2), Err(DecimalError::Rule(_))));
+        assert!(matches!(parse_decimal(b"12.00", 3, 2), Err(DecimalError::Rule(_))));
+        assert!(matches!(parse_decimal(b"NaN", 3, 2), Err(DecimalError::Rule(_))));
         assert_eq!(parse_decimal(b"abc", 3, 2), Err(DecimalError::Unparseable));
         assert_eq!(parse_decimal(b".", 3, 2), Err(DecimalError::Unparseable));
         assert_eq!(parse_decimal(b"0.00", 3, 2), Ok(0));

@@ -64,22 +64,12 @@ impl Watermark {
         let value = Value::Record(vec![
             ("producer".into(), Value::String(self.producer.clone())),
             ("lsn".into(), Value::Long(self.lsn.0 as i64)),
-            (
-                "commit_ts".into(),
-                Value::TimestampMicros(self.commit_ts_micros),
-            ),
-            (
-                "emitted_at".into(),
-                Value::TimestampMicros(self.emitted_at_micros),
-            ),
-            (
-                "state".into(),
-                Value::Enum(state_index, state_symbol.into()),
-            ),
+            ("commit_ts".into(), Value::TimestampMicros(self.commit_ts_micros)),
+            ("emitted_at".into(), Value::TimestampMicros(self.emitted_at_micros)),
+            ("state".into(), Value::Enum(state_index, state_symbol.into())),
             ("offsets".into(), Value::Array(offsets)),
         ]);
-        let writer =
-            apache_avro::writer::datum::GenericDatumWriter::builder(&doc.schema).build()?;
+        let writer = apache_avro::writer::datum::GenericDatumWriter::builder(&doc.schema).build()?;
         let body = writer.write_value_to_vec(value)?;
         let mut out = Vec::with_capacity(framing::HEADER_LEN + body.len());
         out.extend_from_slice(&doc.header);
@@ -97,9 +87,7 @@ impl Watermark {
                 expected: "a watermark".into(),
             });
         }
-        let reader =
-            apache_avro::reader::datum::GenericDatumReader::builder(&registry.watermark.schema)
-                .build()?;
+        let reader = apache_avro::reader::datum::GenericDatumReader::builder(&registry.watermark.schema).build()?;
         let value = reader.read_value(&mut &body[..])?;
         let bad = |what: &str| SchemaError::malformed(format!("watermark: {what}"));
         let Value::Record(fields) = value else {
@@ -116,28 +104,18 @@ impl Watermark {
         for (name, value) in fields {
             match (name.as_str(), value) {
                 ("producer", Value::String(s)) => wm.producer = s,
-                ("lsn", Value::Long(v)) => {
-                    wm.lsn = Lsn(u64::try_from(v).map_err(|_| bad("negative lsn"))?)
-                }
+                ("lsn", Value::Long(v)) => wm.lsn = Lsn(u64::try_from(v).map_err(|_| bad("negative lsn"))?),
                 ("commit_ts", Value::TimestampMicros(v)) => wm.commit_ts_micros = v,
                 ("emitted_at", Value::TimestampMicros(v)) => wm.emitted_at_micros = v,
                 ("state", Value::Enum(i, _)) => {
-                    wm.state = if i == 0 {
-                        ProducerState::Snapshotting
-                    } else {
-                        ProducerState::Streaming
-                    }
+                    wm.state = if i == 0 { ProducerState::Snapshotting } else { ProducerState::Streaming }
                 }
                 ("offsets", Value::Array(items)) => {
                     for item in items {
                         let Value::Record(f) = item else {
                             return Err(bad("offset entry is not a record"));
                         };
-                        let mut o = PartitionOffset {
-                            topic: String::new(),
-                            partition: 0,
-                            offset: 0,
-                        };
+                        let mut o = PartitionOffset { topic: String::new(), partition: 0, offset: 0 };
                         for (n, v) in f {
                             match (n.as_str(), v) {
                                 ("topic", Value::String(s)) => o.topic = s,

@@ -5,8 +5,7 @@ use apache_avro::reader::datum::GenericDatumReader;
 use apache_avro::schema_compatibility::{Compatibility, SchemaCompatibility};
 use apache_avro::types::Value;
 use walcache_schemas::{
-    CourierPerformance, Lsn, Op, Position, Registry, SchemaError, ValueVersion, Violation, framing,
-    write_envelope,
+    CourierPerformance, Lsn, Op, Position, Registry, SchemaError, ValueVersion, Violation, framing, write_envelope,
 };
 
 /// Postgres text values for one row of `version`'s row schema, by field name.
@@ -32,9 +31,7 @@ fn encode_row(version: &ValueVersion, courier_id: i64) -> Vec<u8> {
     let mut out = Vec::new();
     for field in &version.row.fields {
         match sample_text(&field.name, courier_id) {
-            Some(text) => field
-                .write_text(&mut out, text.as_bytes())
-                .expect("sample fits the contract"),
+            Some(text) => field.write_text(&mut out, text.as_bytes()).expect("sample fits the contract"),
             None => field.write_null(&mut out).expect("nullable"),
         }
     }
@@ -43,27 +40,13 @@ fn encode_row(version: &ValueVersion, courier_id: i64) -> Vec<u8> {
 
 fn message(version: &ValueVersion, op: Op, row: &[u8], pos: &Position) -> Vec<u8> {
     let mut out = Vec::new();
-    write_envelope(
-        &mut out,
-        &version.doc.header,
-        op,
-        None,
-        Some(row),
-        pos,
-        "public.courier_performance",
-    );
+    write_envelope(&mut out, &version.doc.header, op, None, Some(row), pos, "public.courier_performance");
     out
 }
 
 fn field<'a>(record: &'a Value, name: &str) -> &'a Value {
-    let Value::Record(fields) = record else {
-        panic!("not a record: {record:?}")
-    };
-    &fields
-        .iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no field {name}"))
-        .1
+    let Value::Record(fields) = record else { panic!("not a record: {record:?}") };
+    &fields.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no field {name}")).1
 }
 
 #[test]
@@ -82,29 +65,15 @@ fn our_encoder_agrees_with_apache_avro_for_every_version() {
         let msg = message(version, Op::Update, &row, &pos);
         let (fp, body) = framing::split(&msg).expect("framed");
         assert_eq!(fp, version.doc.fingerprint);
-        let reader = GenericDatumReader::builder(&version.doc.schema)
-            .build()
-            .expect("reader");
-        let value = reader
-            .read_value(&mut &body[..])
-            .expect("apache-avro decodes our bytes");
+        let reader = GenericDatumReader::builder(&version.doc.schema).build().expect("reader");
+        let value = reader.read_value(&mut &body[..]).expect("apache-avro decodes our bytes");
         assert_eq!(field(&value, "op"), &Value::Enum(2, "update".into()));
-        assert_eq!(
-            field(&value, "before"),
-            &Value::Union(0, Box::new(Value::Null))
-        );
-        let Value::Union(1, after) = field(&value, "after") else {
-            panic!("after is set")
-        };
+        assert_eq!(field(&value, "before"), &Value::Union(0, Box::new(Value::Null)));
+        let Value::Union(1, after) = field(&value, "after") else { panic!("after is set") };
         assert_eq!(field(after, "courier_id"), &Value::Long(42));
         assert_eq!(field(after, "tier"), &Value::Enum(2, "gold".into()));
-        assert_eq!(
-            field(after, "updated_at"),
-            &Value::TimestampMicros(1_795_319_220_123_456)
-        );
-        let Value::Decimal(rating) = field(after, "rating") else {
-            panic!("rating is a decimal")
-        };
+        assert_eq!(field(after, "updated_at"), &Value::TimestampMicros(1_795_319_220_123_456));
+        let Value::Decimal(rating) = field(after, "rating") else { panic!("rating is a decimal") };
         let rating_bytes: Vec<u8> = rating.try_into().expect("decimal bytes");
         assert_eq!(rating_bytes, 487i16.to_be_bytes().to_vec());
         let source = field(&value, "source");
@@ -128,65 +97,35 @@ fn our_encoder_agrees_with_apache_avro_for_every_version() {
 fn every_version_reads_the_previous_versions_data_and_vice_versa() {
     let registry = Registry::builtin().expect("embedded schemas load");
     for contract in registry.contracts() {
-        assert!(
-            contract.versions.len() >= 2,
-            "{} should show an evolution",
-            contract.name
-        );
+        assert!(contract.versions.len() >= 2, "{} should show an evolution", contract.name);
         for pair in contract.versions.windows(2) {
             let (old, new) = (&pair[0], &pair[1]);
             let compat = SchemaCompatibility::mutual_read(&old.doc.schema, &new.doc.schema)
-                .unwrap_or_else(|e| {
-                    panic!(
-                        "{} v{} <-> v{}: {e}",
-                        contract.name, old.version, new.version
-                    )
-                });
-            assert_eq!(
-                compat,
-                Compatibility::Full,
-                "{} v{} <-> v{}",
-                contract.name,
-                old.version,
-                new.version
-            );
+                .unwrap_or_else(|e| panic!("{} v{} <-> v{}: {e}", contract.name, old.version, new.version));
+            assert_eq!(compat, Compatibility::Full, "{} v{} <-> v{}", contract.name, old.version, new.version);
 
             // Old data, new reader: new fields take their defaults.
             let old_row = encode_row(old, 7);
-            let as_new = contract
-                .resolve_row(old, new, &old_row)
-                .expect("new reads old");
-            let json = new
-                .row
-                .row_to_json(&as_new)
-                .expect("resolved row decodes with the new plan");
+            let as_new = contract.resolve_row(old, new, &old_row).expect("new reads old");
+            let json = new.row.row_to_json(&as_new).expect("resolved row decodes with the new plan");
             assert_eq!(json["courier_id"], 7);
             for f in &new.row.fields {
                 if old.row.index_of(&f.name).is_none() {
-                    assert_eq!(
-                        json[&f.name],
-                        serde_json::Value::Null,
-                        "added field {} defaults to null",
-                        f.name
-                    );
+                    assert_eq!(json[&f.name], serde_json::Value::Null, "added field {} defaults to null", f.name);
                 }
             }
             // New data, old reader: added fields are dropped, the rest survives.
             let new_row = encode_row(new, 8);
-            let as_old = contract
-                .resolve_row(new, old, &new_row)
-                .expect("old reads new");
+            let as_old = contract.resolve_row(new, old, &new_row).expect("old reads new");
             let json_old = old.row.row_to_json(&as_old).expect("decodes");
             let json_new = new.row.row_to_json(&new_row).expect("decodes");
             for f in &old.row.fields {
                 assert_eq!(json_old[&f.name], json_new[&f.name], "field {}", f.name);
             }
             // Typed client code reads both.
-            let typed_old: CourierPerformance =
-                serde_json::from_value(json.into()).expect("typed v(old)");
+            let typed_old: CourierPerformance = serde_json::from_value(json.into()).expect("typed v(old)");
             assert_eq!(typed_old.zone, None);
-            let typed_new: CourierPerformance =
-                serde_json::from_value(json_new.into()).expect("typed v(new)");
+            let typed_new: CourierPerformance = serde_json::from_value(json_new.into()).expect("typed v(new)");
             assert_eq!(typed_new.courier_id, 8);
         }
         // The key never evolves: one key schema per contract.
@@ -200,30 +139,15 @@ fn an_unknown_schema_id_is_a_clear_error() {
     let contract = registry.contract("courier_performance").expect("contract");
     let mut msg = framing::header(0xDEAD_BEEF_0000_0001).to_vec();
     msg.extend_from_slice(&[0, 0, 0]);
-    let err = registry
-        .decode_value(contract, &msg)
-        .expect_err("unknown fingerprint");
-    assert!(matches!(
-        err,
-        SchemaError::UnknownSchema {
-            fingerprint: 0xDEAD_BEEF_0000_0001
-        }
-    ));
-    assert!(
-        err.to_string()
-            .contains("unknown schema fingerprint deadbeef00000001"),
-        "{err}"
-    );
+    let err = registry.decode_value(contract, &msg).expect_err("unknown fingerprint");
+    assert!(matches!(err, SchemaError::UnknownSchema { fingerprint: 0xDEAD_BEEF_0000_0001 }));
+    assert!(err.to_string().contains("unknown schema fingerprint deadbeef00000001"), "{err}");
 
-    let err = registry
-        .decode_value(contract, b"not avro at all")
-        .expect_err("garbage");
+    let err = registry.decode_value(contract, b"not avro at all").expect_err("garbage");
     assert!(matches!(err, SchemaError::NotSingleObject));
 
     let key = contract.key_message(&contract.key_from_text(&["5"]).expect("key"));
-    let err = registry
-        .decode_value(contract, &key)
-        .expect_err("a key is not a value");
+    let err = registry.decode_value(contract, &key).expect_err("a key is not a value");
     assert!(matches!(err, SchemaError::WrongSchema { .. }), "{err}");
 
     // A known fingerprint with a truncated body is malformed, not a panic.
@@ -231,21 +155,14 @@ fn an_unknown_schema_id_is_a_clear_error() {
     let row = encode_row(latest, 1);
     let msg = message(latest, Op::Insert, &row, &Position::default());
     for cut in [framing::HEADER_LEN + 1, msg.len() / 2, msg.len() - 1] {
-        assert!(
-            registry.decode_value(contract, &msg[..cut]).is_err(),
-            "cut at {cut}"
-        );
+        assert!(registry.decode_value(contract, &msg[..cut]).is_err(), "cut at {cut}");
     }
 }
 
 #[test]
 fn rows_that_break_the_contract_say_why() {
     let registry = Registry::builtin().expect("embedded schemas load");
-    let row = &registry
-        .contract("courier_performance")
-        .expect("contract")
-        .latest()
-        .row;
+    let row = &registry.contract("courier_performance").expect("contract").latest().row;
     let f = |name: &str| &row.fields[row.index_of(name).expect("field")];
     let mut out = Vec::new();
     let cases: Vec<(&str, Option<&str>, &str)> = vec![
@@ -273,20 +190,13 @@ fn rows_that_break_the_contract_say_why() {
         assert_eq!(violation.code(), code, "{name} = {value:?}: {violation}");
         assert_eq!(violation.field(), name);
         if let Some(v) = value {
-            assert!(
-                !violation.to_string().contains(v),
-                "the reason must not carry the value: {violation}"
-            );
+            assert!(!violation.to_string().contains(v), "the reason must not carry the value: {violation}");
         }
     }
     // Nullable fields take null, bounds are inclusive.
     f("acceptance_rate").write_null(&mut out).expect("nullable");
-    f("rating")
-        .write_text(&mut out, b"5.00")
-        .expect("max is inclusive");
-    f("rating")
-        .write_text(&mut out, b"0")
-        .expect("min is inclusive");
+    f("rating").write_text(&mut out, b"5.00").expect("max is inclusive");
+    f("rating").write_text(&mut out, b"0").expect("min is inclusive");
 }
 
 #[test]
@@ -314,21 +224,11 @@ fn keys_from_text_and_json_agree() {
     let registry = Registry::builtin().expect("embedded schemas load");
     let contract = registry.contract("courier_performance").expect("contract");
     let a = contract.key_from_text(&["42"]).expect("text");
-    let b = contract
-        .key_from_json(&serde_json::json!(42))
-        .expect("json number");
-    let c = contract
-        .key_from_json(&serde_json::json!({"courier_id": "42"}))
-        .expect("json object");
+    let b = contract.key_from_json(&serde_json::json!(42)).expect("json number");
+    let c = contract.key_from_json(&serde_json::json!({"courier_id": "42"})).expect("json object");
     assert_eq!(a, b);
     assert_eq!(a, c);
-    assert_eq!(
-        contract.key_from_text(&["x"]).expect_err("bad").code(),
-        "unparseable"
-    );
+    assert_eq!(contract.key_from_text(&["x"]).expect_err("bad").code(), "unparseable");
     let msg = contract.key_message(&a);
-    assert_eq!(
-        registry.decode_key(contract, &msg).expect("decodes"),
-        &a[..]
-    );
+    assert_eq!(registry.decode_key(contract, &msg).expect("decodes"), &a[..]);
 }

@@ -13,24 +13,17 @@ pub struct DedicatedBroker {
 
 impl DedicatedBroker {
     pub fn start() -> DedicatedBroker {
-        let mut broker = DedicatedBroker {
-            bootstrap: String::new(),
-            dir: tempfile::tempdir().expect("temp dir"),
-        };
+        let mut broker = DedicatedBroker { bootstrap: String::new(), dir: tempfile::tempdir().expect("temp dir") };
         broker.run("broker-start");
-        let port =
-            std::fs::read_to_string(broker.dir.path().join("broker/port")).expect("broker port");
+        let port = std::fs::read_to_string(broker.dir.path().join("broker/port")).expect("broker port");
         broker.bootstrap = format!("127.0.0.1:{}", port.trim());
         broker
     }
 
     fn run(&self, command: &str) {
         let script: PathBuf = Env::get().repo.join("deploy/local/walcache-env");
-        let status = Command::new(script)
-            .args([command, "--dir"])
-            .arg(self.dir.path())
-            .status()
-            .expect("walcache-env runs");
+        let status =
+            Command::new(script).args([command, "--dir"]).arg(self.dir.path()).status().expect("walcache-env runs");
         assert!(status.success(), "walcache-env {command} failed");
     }
 

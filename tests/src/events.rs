@@ -46,13 +46,11 @@ pub fn decode_all(records: &[Record]) -> Vec<Event> {
                     before: None,
                 };
             };
-            let decoded = registry.decode_value(contract, value).unwrap_or_else(|e| {
-                panic!("undecodable message at {}/{}: {e}", r.partition, r.offset)
-            });
+            let decoded = registry
+                .decode_value(contract, value)
+                .unwrap_or_else(|e| panic!("undecodable message at {}/{}: {e}", r.partition, r.offset));
             let env = decoded.envelope;
-            let row = |bytes: Option<&[u8]>| {
-                bytes.map(|b| decoded.version.row.row_to_json(b).expect("row decodes"))
-            };
+            let row = |bytes: Option<&[u8]>| bytes.map(|b| decoded.version.row.row_to_json(b).expect("row decodes"));
             Event {
                 partition: r.partition,
                 offset: r.offset,
@@ -93,11 +91,7 @@ pub fn materialize(events: &[Event]) -> BTreeMap<i64, Map<String, Json>> {
         let Some(key) = e.key else { continue };
         let newer = held.get(&key).is_none_or(|(p, _)| pos.is_newer_than(p));
         if newer {
-            let state = if op == Op::Delete {
-                None
-            } else {
-                e.after.clone()
-            };
+            let state = if op == Op::Delete { None } else { e.after.clone() };
             held.insert(key, (pos, state));
         }
     }
@@ -121,10 +115,7 @@ pub fn check_order_per_key(events: &[Event]) -> Result<(), String> {
         if let Some(p) = partition_of.insert(key, e.partition)
             && p != e.partition
         {
-            return Err(format!(
-                "key {key} is on partitions {p} and {}",
-                e.partition
-            ));
+            return Err(format!("key {key} is on partitions {p} and {}", e.partition));
         }
         let history = seen.entry(key).or_default();
         if history.contains(&pos) {
@@ -133,9 +124,7 @@ pub fn check_order_per_key(events: &[Event]) -> Result<(), String> {
         if let Some(n) = newest.get(&key)
             && !pos.is_newer_than(n)
         {
-            return Err(format!(
-                "key {key}: new event at {pos:?} arrived after {n:?}"
-            ));
+            return Err(format!("key {key}: new event at {pos:?} arrived after {n:?}"));
         }
         history.push(pos);
         newest.insert(key, pos);

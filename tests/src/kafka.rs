@@ -32,9 +32,7 @@ pub async fn high_watermarks(bootstrap: &str, topic: &str) -> Vec<(i32, i64)> {
     let topic = topic.to_string();
     tokio::task::spawn_blocking(move || {
         let c = consumer(&bootstrap);
-        let md = c
-            .fetch_metadata(Some(&topic), Duration::from_secs(10))
-            .expect("metadata");
+        let md = c.fetch_metadata(Some(&topic), Duration::from_secs(10)).expect("metadata");
         let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
             return Vec::new();
         };
@@ -42,9 +40,7 @@ pub async fn high_watermarks(bootstrap: &str, topic: &str) -> Vec<(i32, i64)> {
             .partitions()
             .iter()
             .map(|p| {
-                let (_, high) = c
-                    .fetch_watermarks(&topic, p.id(), Duration::from_secs(10))
-                    .expect("watermarks");
+                let (_, high) = c.fetch_watermarks(&topic, p.id(), Duration::from_secs(10)).expect("watermarks");
                 (p.id(), high)
             })
             .collect();
@@ -65,8 +61,7 @@ pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<Record> {
         let mut tpl = TopicPartitionList::new();
         let mut remaining: Vec<(i32, i64)> = ends.into_iter().filter(|(_, h)| *h > 0).collect();
         for (p, _) in &remaining {
-            tpl.add_partition_offset(&topic, *p, Offset::Beginning)
-                .expect("tpl");
+            tpl.add_partition_offset(&topic, *p, Offset::Beginning).expect("tpl");
         }
         if remaining.is_empty() {
             return Vec::new();
@@ -75,10 +70,7 @@ pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<Record> {
         let mut out = Vec::new();
         let started = Instant::now();
         while !remaining.is_empty() {
-            assert!(
-                started.elapsed() < Duration::from_secs(120),
-                "reading {topic} took over 2 minutes"
-            );
+            assert!(started.elapsed() < Duration::from_secs(120), "reading {topic} took over 2 minutes");
             match c.poll(Duration::from_millis(200)) {
                 None => {}
                 Some(Err(e)) => panic!("reading {topic}: {e}"),
@@ -108,19 +100,10 @@ pub async fn read_all(bootstrap: &str, topic: &str) -> Vec<Record> {
 }
 
 /// Produces raw bytes (for garbage and replay tests).
-pub async fn produce(
-    bootstrap: &str,
-    topic: &str,
-    partition: Option<i32>,
-    key: Option<&[u8]>,
-    value: Option<&[u8]>,
-) {
+pub async fn produce(bootstrap: &str, topic: &str, partition: Option<i32>, key: Option<&[u8]>, value: Option<&[u8]>) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("acks", "all")
-        .create()
-        .expect("producer");
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("acks", "all").create().expect("producer");
     let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
     if let Some(k) = key {
         record = record.key(k);
@@ -131,9 +114,5 @@ pub async fn produce(
     if let Some(p) = partition {
         record = record.partition(p);
     }
-    producer
-        .send(record, Duration::from_secs(10))
-        .await
-        .map_err(|(e, _)| e)
-        .expect("produce");
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produce");
 }

@@ -64,29 +64,17 @@ pub fn load_env(repo: &Path, dir: &Path, command: &str) -> Env {
         .arg(dir)
         .status()
         .expect("deploy/local/walcache-env runs");
-    assert!(
-        status.success(),
-        "walcache-env {command} failed; see the logs under {}",
-        dir.display()
-    );
+    assert!(status.success(), "walcache-env {command} failed; see the logs under {}", dir.display());
     let text = std::fs::read_to_string(dir.join("env")).expect("walcache-env wrote its env file");
     let var = |name: &str| -> Option<String> {
-        text.lines()
-            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
-            .map(|v| v.trim_matches('\'').to_string())
+        text.lines().find_map(|l| l.strip_prefix(&format!("export {name}="))).map(|v| v.trim_matches('\'').to_string())
     };
-    let pg_password_file =
-        PathBuf::from(var("WALCACHE_LOCAL_PG_PASSWORD_FILE").expect("password file"));
+    let pg_password_file = PathBuf::from(var("WALCACHE_LOCAL_PG_PASSWORD_FILE").expect("password file"));
     Env {
         repo: repo.to_path_buf(),
         dir: dir.to_path_buf(),
-        pg_port: var("WALCACHE_LOCAL_PG_PORT")
-            .and_then(|p| p.parse().ok())
-            .expect("pg port"),
-        pg_password: std::fs::read_to_string(&pg_password_file)
-            .expect("password")
-            .trim()
-            .to_string(),
+        pg_port: var("WALCACHE_LOCAL_PG_PORT").and_then(|p| p.parse().ok()).expect("pg port"),
+        pg_password: std::fs::read_to_string(&pg_password_file).expect("password").trim().to_string(),
         pg_password_file,
         kafka: var("WALCACHE_LOCAL_KAFKA").unwrap_or_default(),
     }
@@ -94,10 +82,7 @@ pub fn load_env(repo: &Path, dir: &Path, command: &str) -> Env {
 
 /// The workspace root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root")
-        .to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()
 }
 
 fn init_tracing() {
@@ -109,12 +94,7 @@ fn init_tracing() {
 /// A name no other test (or earlier run) uses: `prefix_<pid>_<n>_<random>`, lower-case.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
-    format!(
-        "{prefix}_{}_{}_{:04x}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed),
-        rand::random::<u16>()
-    )
+    format!("{prefix}_{}_{}_{:04x}", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed), rand::random::<u16>())
 }
 
 /// Polls `check` until it returns `Some` or `timeout` passes (then panics with `what`).
@@ -128,10 +108,7 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -149,15 +126,9 @@ pub fn binary(name: &str) -> PathBuf {
             .expect("cargo runs");
         assert!(status.success(), "building the workspace binaries failed");
     });
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
     let path = target.join("debug").join(name);
-    assert!(
-        path.exists(),
-        "{} is missing after the build",
-        path.display()
-    );
+    assert!(path.exists(), "{} is missing after the build", path.display());
     path
 }
 

@@ -109,17 +109,11 @@ listen = "127.0.0.1:{ops_port}"
     pub fn start_in_process(&self) -> InProcess {
         let metrics = Metrics::new().expect("metrics");
         let health = Arc::new(Health::default());
-        let producer = Producer::new(self.config(), metrics.clone(), Arc::clone(&health))
-            .expect("valid config");
+        let producer = Producer::new(self.config(), metrics.clone(), Arc::clone(&health)).expect("valid config");
         let cancel = CancellationToken::new();
         let token = cancel.clone();
         let handle = tokio::spawn(async move { producer.run(token).await });
-        InProcess {
-            metrics,
-            health,
-            cancel,
-            handle,
-        }
+        InProcess { metrics, health, cancel, handle }
     }
 
     /// Runs the walcache-producer binary.
@@ -127,9 +121,7 @@ listen = "127.0.0.1:{ops_port}"
         let port = free_port();
         let dir = tempfile::tempdir().expect("temp dir");
         let config = dir.path().join("producer.toml");
-        std::fs::File::create(&config)
-            .and_then(|mut f| f.write_all(self.toml(port).as_bytes()))
-            .expect("write config");
+        std::fs::File::create(&config).and_then(|mut f| f.write_all(self.toml(port).as_bytes())).expect("write config");
         let log = dir.path().join("producer.log");
         let log_file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(binary("walcache-producer"))
@@ -141,12 +133,7 @@ listen = "127.0.0.1:{ops_port}"
             .stderr(log_file)
             .spawn()
             .expect("spawn walcache-producer");
-        ProducerProcess {
-            child: Some(child),
-            ops: format!("127.0.0.1:{port}"),
-            log,
-            _dir: dir,
-        }
+        ProducerProcess { child: Some(child), ops: format!("127.0.0.1:{port}"), log, _dir: dir }
     }
 }
 
@@ -164,15 +151,8 @@ impl InProcess {
     pub async fn wait_ready(&self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         while !self.health.is_ready() {
-            assert!(
-                !self.handle.is_finished(),
-                "the producer stopped before it was ready"
-            );
-            assert!(
-                Instant::now() < deadline,
-                "producer not ready after {timeout:?}: {:?}",
-                self.health.get()
-            );
+            assert!(!self.handle.is_finished(), "the producer stopped before it was ready");
+            assert!(Instant::now() < deadline, "producer not ready after {timeout:?}: {:?}", self.health.get());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -214,9 +194,7 @@ impl ProducerProcess {
     /// SIGTERM, then waits up to `timeout` for the exit.
     pub fn terminate(&mut self, timeout: Duration) -> Option<ExitStatus> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(Some(status)) = child.try_wait() {
@@ -232,9 +210,7 @@ impl ProducerProcess {
     }
 
     pub fn has_exited(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+        self.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
     }
 
     pub fn log(&self) -> String {
@@ -253,9 +229,7 @@ impl ProducerProcess {
     }
 
     pub async fn ready(&self) -> bool {
-        http_get(&self.ops, "/readyz")
-            .await
-            .is_some_and(|b| b.contains("\"ready\":true"))
+        http_get(&self.ops, "/readyz").await.is_some_and(|b| b.contains("\"ready\":true"))
     }
 }
 
@@ -269,18 +243,11 @@ impl Drop for ProducerProcess {
 pub async fn http_get(addr: &str, path: &str) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream =
-        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr))
-            .await
-            .ok()?
-            .ok()?;
+        tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
     stream.write_all(request.as_bytes()).await.ok()?;
     let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response))
-        .await
-        .ok()?
-        .ok()?;
+    tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut response)).await.ok()?.ok()?;
     let text = String::from_utf8_lossy(&response).into_owned();
-    text.split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())
+    text.split_once("\r\n\r\n").map(|(_, body)| body.to_string())
 }

@@ -65,9 +65,7 @@ async fn clean_leftovers(env: &Env) {
         .unwrap_or_default();
     for row in dbs {
         let name: String = row.get(0);
-        let _ = admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
-            .await;
+        let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
     }
 }
 
@@ -103,11 +101,7 @@ impl TestDb {
             .await
             .unwrap_or_else(|e| panic!("create database {name}: {e}"));
         let db = TestDb { name, env };
-        db.client()
-            .await
-            .batch_execute(COURIER_TABLE)
-            .await
-            .expect("create courier_performance");
+        db.client().await.batch_execute(COURIER_TABLE).await.expect("create courier_performance");
         db
     }
 
@@ -117,10 +111,7 @@ impl TestDb {
 
     /// `postgres://postgres@127.0.0.1:PORT/DB` (the password comes from the env's file).
     pub fn url(&self) -> String {
-        format!(
-            "postgres://postgres@127.0.0.1:{}/{}",
-            self.env.pg_port, self.name
-        )
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.env.pg_port, self.name)
     }
 
     /// Inserts clean rows with ids `from..from+count`.
@@ -145,22 +136,11 @@ impl TestDb {
     /// the dead-letter topic, not in the view).
     pub async fn contract_view(&self) -> BTreeMap<i64, Map<String, Json>> {
         let registry = Registry::builtin().expect("registry");
-        let row_plan = &registry
-            .contract("courier_performance")
-            .expect("contract")
-            .latest()
-            .row;
-        let select = row_plan
-            .fields
-            .iter()
-            .map(|f| format!("{}::text", f.name))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let row_plan = &registry.contract("courier_performance").expect("contract").latest().row;
+        let select = row_plan.fields.iter().map(|f| format!("{}::text", f.name)).collect::<Vec<_>>().join(", ");
         let client = self.client().await;
         let messages = client
-            .simple_query(&format!(
-                "SET TimeZone = 'UTC'; SELECT {select} FROM courier_performance"
-            ))
+            .simple_query(&format!("SET TimeZone = 'UTC'; SELECT {select} FROM courier_performance"))
             .await
             .expect("read table");
         let mut out = BTreeMap::new();
@@ -187,13 +167,8 @@ impl TestDb {
     }
 
     pub async fn current_lsn(&self) -> Lsn {
-        let text: String = self
-            .client()
-            .await
-            .query_one("SELECT pg_current_wal_lsn()::text", &[])
-            .await
-            .expect("lsn")
-            .get(0);
+        let text: String =
+            self.client().await.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
         text.parse().expect("lsn parses")
     }
 
@@ -202,13 +177,9 @@ impl TestDb {
         let row = self
             .client()
             .await
-            .query_opt(
-                "SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1",
-                &[&slot],
-            )
+            .query_opt("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&slot])
             .await
             .expect("slot");
-        row.and_then(|r| r.get::<_, Option<String>>(0))
-            .map(|t| t.parse().expect("lsn"))
+        row.and_then(|r| r.get::<_, Option<String>>(0)).map(|t| t.parse().expect("lsn"))
     }
 }

@@ -45,31 +45,33 @@ impl Writer {
                 } else {
                     "update"
                 };
-                let row = match kind {
-                    "delete" => {
-                        client
-                            .query_opt("DELETE FROM courier_performance WHERE courier_id = $1 RETURNING txid_current()::int8", &[&key])
-                            .await
-                    }
-                    "insert" => {
-                        client
+                let row =
+                    match kind {
+                        "delete" => client
                             .query_opt(
-                                "INSERT INTO courier_performance (courier_id, city, tier, rating, on_time_rate) \
-                                 VALUES ($1, 'Lisbon', 'silver', 4.20, 0.91) RETURNING txid_current()::int8",
-                                &[&next_new],
-                            )
-                            .await
-                    }
-                    _ => {
-                        client
-                            .query_opt(
-                                "UPDATE courier_performance SET deliveries = deliveries + 1, updated_at = now() \
-                                 WHERE courier_id = $1 RETURNING txid_current()::int8",
+                                "DELETE FROM courier_performance WHERE courier_id = $1 RETURNING txid_current()::int8",
                                 &[&key],
                             )
-                            .await
-                    }
-                };
+                            .await,
+                        "insert" => {
+                            client
+                                .query_opt(
+                                    "INSERT INTO courier_performance (courier_id, city, tier, rating, on_time_rate) \
+                                 VALUES ($1, 'Lisbon', 'silver', 4.20, 0.91) RETURNING txid_current()::int8",
+                                    &[&next_new],
+                                )
+                                .await
+                        }
+                        _ => {
+                            client
+                                .query_opt(
+                                    "UPDATE courier_performance SET deliveries = deliveries + 1, updated_at = now() \
+                                 WHERE courier_id = $1 RETURNING txid_current()::int8",
+                                    &[&key],
+                                )
+                                .await
+                        }
+                    };
                 match row {
                     Ok(Some(r)) => txids.push(Committed {
                         txid: r.get::<_, i64>(0) as u64,
@@ -98,12 +100,8 @@ impl Writer {
 /// there, or compaction removed it because a later transaction of the writer changed the same
 /// key (the writer commits one transaction at a time, so a higher txid is a later commit).
 pub fn assert_all_on_topic(events: &[Event], committed: &[Committed]) {
-    let seen: std::collections::HashSet<u64> = events
-        .iter()
-        .filter_map(|e| e.position.map(|p| p.txid))
-        .collect();
-    let mut newest_txid_of_key: std::collections::HashMap<i64, u64> =
-        std::collections::HashMap::new();
+    let seen: std::collections::HashSet<u64> = events.iter().filter_map(|e| e.position.map(|p| p.txid)).collect();
+    let mut newest_txid_of_key: std::collections::HashMap<i64, u64> = std::collections::HashMap::new();
     for e in events {
         if let (Some(k), Some(p)) = (e.key, e.position) {
             let n = newest_txid_of_key.entry(k).or_default();
@@ -112,9 +110,7 @@ pub fn assert_all_on_topic(events: &[Event], committed: &[Committed]) {
     }
     let missing: Vec<&Committed> = committed
         .iter()
-        .filter(|c| {
-            !seen.contains(&c.txid) && newest_txid_of_key.get(&c.key).is_none_or(|&n| n <= c.txid)
-        })
+        .filter(|c| !seen.contains(&c.txid) && newest_txid_of_key.get(&c.key).is_none_or(|&n| n <= c.txid))
         .collect();
     if missing.is_empty() {
         return;

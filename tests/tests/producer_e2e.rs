@@ -27,22 +27,10 @@ async fn wait_converged(p: &Pipeline) -> Vec<Event> {
             if view == table {
                 return events;
             }
-            let missing: Vec<_> = table
-                .keys()
-                .filter(|k| !view.contains_key(k))
-                .take(5)
-                .collect();
-            let extra: Vec<_> = view
-                .keys()
-                .filter(|k| !table.contains_key(k))
-                .take(5)
-                .collect();
-            let differ: Vec<_> = table
-                .iter()
-                .filter(|(k, v)| view.get(k).is_some_and(|w| w != *v))
-                .map(|(k, _)| k)
-                .take(5)
-                .collect();
+            let missing: Vec<_> = table.keys().filter(|k| !view.contains_key(k)).take(5).collect();
+            let extra: Vec<_> = view.keys().filter(|k| !table.contains_key(k)).take(5).collect();
+            let differ: Vec<_> =
+                table.iter().filter(|(k, v)| view.get(k).is_some_and(|w| w != *v)).map(|(k, _)| k).take(5).collect();
             last_diff = format!("missing {missing:?}, extra {extra:?}, different {differ:?}");
             tokio::time::sleep(Duration::from_millis(300)).await;
         }
@@ -52,11 +40,7 @@ async fn wait_converged(p: &Pipeline) -> Vec<Event> {
 }
 
 async fn txid(client: &tokio_postgres::Transaction<'_>) -> u64 {
-    client
-        .query_one("SELECT txid_current()::int8", &[])
-        .await
-        .expect("txid")
-        .get::<_, i64>(0) as u64
+    client.query_one("SELECT txid_current()::int8", &[]).await.expect("txid").get::<_, i64>(0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -73,93 +57,50 @@ async fn snapshot_then_streaming_reach_the_topic_as_committed() {
     for round in 0..2 {
         let tx = client.transaction().await.expect("tx");
         txids.push(txid(&tx).await);
-        tx.execute(
-            "UPDATE courier_performance SET deliveries = deliveries + 1 WHERE courier_id <= 100",
-            &[],
-        )
-        .await
-        .expect("update");
-        if round == 0 {
-            tx.execute(
-                "DELETE FROM courier_performance WHERE courier_id BETWEEN 401 AND 450",
-                &[],
-            )
+        tx.execute("UPDATE courier_performance SET deliveries = deliveries + 1 WHERE courier_id <= 100", &[])
             .await
-            .expect("delete");
+            .expect("update");
+        if round == 0 {
+            tx.execute("DELETE FROM courier_performance WHERE courier_id BETWEEN 401 AND 450", &[])
+                .await
+                .expect("delete");
         }
         tx.commit().await.expect("commit");
     }
     db.seed(501, 100).await;
     let tx = client.transaction().await.expect("tx");
     txids.push(txid(&tx).await);
-    tx.execute(
-        "UPDATE courier_performance SET courier_id = 10010 WHERE courier_id = 10",
-        &[],
-    )
-    .await
-    .expect("key move");
+    tx.execute("UPDATE courier_performance SET courier_id = 10010 WHERE courier_id = 10", &[]).await.expect("key move");
     tx.commit().await.expect("commit");
 
     let events = wait_converged(&p).await;
     producer.stop().await.expect("clean drain");
 
     check_order_per_key(&events).expect("per-key order");
-    let snapshot: Vec<&Event> = events
-        .iter()
-        .filter(|e| e.op == Some(Op::Snapshot))
-        .collect();
+    let snapshot: Vec<&Event> = events.iter().filter(|e| e.op == Some(Op::Snapshot)).collect();
     assert_eq!(snapshot.len(), 500, "one snapshot event per existing row");
-    assert!(
-        snapshot
-            .iter()
-            .all(|e| e.position.is_some_and(|p| p.snapshot && p.txid == 0))
-    );
+    assert!(snapshot.iter().all(|e| e.position.is_some_and(|p| p.snapshot && p.txid == 0)));
     let consistent_point = snapshot[0].position.map(|p| p.lsn);
-    assert!(
-        snapshot
-            .iter()
-            .all(|e| e.position.map(|p| p.lsn) == consistent_point)
-    );
+    assert!(snapshot.iter().all(|e| e.position.map(|p| p.lsn) == consistent_point));
 
     // Every transaction we committed is on the topic, with its position.
-    let seen_txids: std::collections::HashSet<u64> = events
-        .iter()
-        .filter_map(|e| e.position.map(|p| p.txid))
-        .collect();
+    let seen_txids: std::collections::HashSet<u64> = events.iter().filter_map(|e| e.position.map(|p| p.txid)).collect();
     for t in &txids {
-        assert!(
-            seen_txids.contains(t),
-            "transaction {t} is missing from the topic"
-        );
+        assert!(seen_txids.contains(t), "transaction {t} is missing from the topic");
     }
-    let streamed: Vec<&Event> = events
-        .iter()
-        .filter(|e| e.position.is_some_and(|p| !p.snapshot))
-        .collect();
+    let streamed: Vec<&Event> = events.iter().filter(|e| e.position.is_some_and(|p| !p.snapshot)).collect();
     assert!(
-        streamed
-            .iter()
-            .all(|e| e.position.map(|p| p.lsn) > consistent_point),
+        streamed.iter().all(|e| e.position.map(|p| p.lsn) > consistent_point),
         "streamed changes commit after the snapshot's consistent point"
     );
 
     // Key 1: snapshot, then two updates, in commit order, with the values committed.
-    let key1: Vec<&Event> = events
-        .iter()
-        .filter(|e| e.key == Some(1) && e.op.is_some())
-        .collect();
+    let key1: Vec<&Event> = events.iter().filter(|e| e.key == Some(1) && e.op.is_some()).collect();
     let ops: Vec<Op> = key1.iter().filter_map(|e| e.op).collect();
     assert_eq!(ops, vec![Op::Snapshot, Op::Update, Op::Update]);
-    let deliveries: Vec<i64> = key1
-        .iter()
-        .filter_map(|e| e.after.as_ref()?["deliveries"].as_i64())
-        .collect();
+    let deliveries: Vec<i64> = key1.iter().filter_map(|e| e.after.as_ref()?["deliveries"].as_i64()).collect();
     assert_eq!(deliveries, vec![1, 2, 3]);
-    let in_tx: Vec<u64> = key1
-        .iter()
-        .skip(1)
-        .filter_map(|e| e.position.map(|p| p.txid))
-        .collect();
+    let in_tx: Vec<u64> = key1.iter().skip(1).filter_map(|e| e.position.map(|p| p.txid)).collect();
     assert_eq!(in_tx, txids[..2].to_vec());
 
     // A delete is an event with the position, then a tombstone for compaction.
@@ -172,72 +113,39 @@ async fn snapshot_then_streaming_reach_the_topic_as_committed() {
         "the tombstone carries the delete's position in its header (it survives compaction)"
     );
     // The key move: delete of the old key, insert of the new one, in one transaction.
-    let moved_old = events
-        .iter()
-        .rev()
-        .find(|e| e.key == Some(10) && e.op.is_some())
-        .expect("old key");
-    let moved_new = events
-        .iter()
-        .find(|e| e.key == Some(10010))
-        .expect("new key");
+    let moved_old = events.iter().rev().find(|e| e.key == Some(10) && e.op.is_some()).expect("old key");
+    let moved_new = events.iter().find(|e| e.key == Some(10010)).expect("new key");
     assert_eq!(moved_old.op, Some(Op::Delete));
     assert_eq!(moved_new.op, Some(Op::Insert));
-    assert_eq!(
-        moved_old.position.map(|p| p.txid),
-        moved_new.position.map(|p| p.txid)
-    );
+    assert_eq!(moved_old.position.map(|p| p.txid), moved_new.position.map(|p| p.txid));
     assert!(moved_new.position.expect("pos").index > moved_old.position.expect("pos").index);
     // Updates under REPLICA IDENTITY DEFAULT carry no before image.
     assert!(key1[1].before.is_none());
 
     // After the drain the slot shows the last commit, and the watermark says so too.
     let confirmed = db.slot_confirmed(&p.slot).await.expect("slot exists");
-    let newest_commit = streamed
-        .iter()
-        .filter_map(|e| e.position.map(|p| p.lsn))
-        .max()
-        .expect("streamed");
-    assert!(
-        confirmed > newest_commit,
-        "confirmed {confirmed} should be past the last commit {newest_commit}"
-    );
+    let newest_commit = streamed.iter().filter_map(|e| e.position.map(|p| p.lsn)).max().expect("streamed");
+    assert!(confirmed > newest_commit, "confirmed {confirmed} should be past the last commit {newest_commit}");
     let watermarks = read_all(&p.kafka, &p.watermarks).await;
     let registry = walcache_schemas::Registry::builtin().expect("registry");
     let last = walcache_schemas::Watermark::decode(
         registry,
-        watermarks
-            .last()
-            .and_then(|r| r.value.as_deref())
-            .expect("a watermark"),
+        watermarks.last().and_then(|r| r.value.as_deref()).expect("a watermark"),
     )
     .expect("decodes");
     assert_eq!(last.state, walcache_schemas::ProducerState::Streaming);
-    assert!(
-        last.lsn >= newest_commit,
-        "the final watermark covers the last commit"
-    );
+    assert!(last.lsn >= newest_commit, "the final watermark covers the last commit");
     let hw = walcache_tests::kafka::high_watermarks(&p.kafka, &p.topic).await;
     for (partition, high) in hw {
-        let covered = last
-            .offsets
-            .iter()
-            .find(|o| o.topic == p.topic && o.partition == partition)
-            .map(|o| o.offset);
-        assert_eq!(
-            covered,
-            Some(high),
-            "watermark offset of partition {partition}"
-        );
+        let covered = last.offsets.iter().find(|o| o.topic == p.topic && o.partition == partition).map(|o| o.offset);
+        assert_eq!(covered, Some(high), "watermark offset of partition {partition}");
     }
 }
 
 fn dead_letters(records: &[walcache_tests::kafka::Record]) -> Vec<DeadLetter> {
     records
         .iter()
-        .map(|r| {
-            serde_json::from_slice(r.value.as_deref().expect("value")).expect("dead letter JSON")
-        })
+        .map(|r| serde_json::from_slice(r.value.as_deref().expect("value")).expect("dead letter JSON"))
         .collect()
 }
 
@@ -272,13 +180,8 @@ async fn rows_that_break_the_contract_go_to_the_dead_letter_topic_and_the_stream
         .await
         .expect("toast");
 
-    let expected: BTreeMap<&str, usize> = [
-        ("null_in_required_field", 1),
-        ("out_of_range", 3),
-        ("bad_enum", 1),
-        ("unchanged_toast", 1),
-    ]
-    .into();
+    let expected: BTreeMap<&str, usize> =
+        [("null_in_required_field", 1), ("out_of_range", 3), ("bad_enum", 1), ("unchanged_toast", 1)].into();
     let letters = wait_for("six dead letters", Duration::from_secs(30), || async {
         let l = dead_letters(&read_all(&p.kafka, &p.dead_letter).await);
         (l.len() >= 6).then_some(l)
@@ -292,54 +195,22 @@ async fn rows_that_break_the_contract_go_to_the_dead_letter_topic_and_the_stream
         assert!(l.row.is_some(), "the row travels with its reason");
     }
     assert_eq!(by_reason, expected.iter().map(|(k, v)| (*k, *v)).collect());
-    let toast = letters
-        .iter()
-        .find(|l| l.reason_code == "unchanged_toast")
-        .expect("toast letter");
+    let toast = letters.iter().find(|l| l.reason_code == "unchanged_toast").expect("toast letter");
     assert_eq!(toast.key, Some(serde_json::json!({"courier_id": "7"})));
     assert_eq!(toast.field.as_deref(), Some("notes"));
-    assert!(
-        toast.reason.contains("REPLICA IDENTITY FULL"),
-        "{}",
-        toast.reason
-    );
-    let range = letters
-        .iter()
-        .find(|l| l.key == Some(serde_json::json!({"courier_id": "1002"})))
-        .expect("1002");
+    assert!(toast.reason.contains("REPLICA IDENTITY FULL"), "{}", toast.reason);
+    let range = letters.iter().find(|l| l.key == Some(serde_json::json!({"courier_id": "1002"}))).expect("1002");
     assert_eq!(range.field.as_deref(), Some("rating"));
-    assert_eq!(
-        range.row.as_ref().map(|r| r["rating"].clone()),
-        Some(Json::String("7.50".into()))
-    );
+    assert_eq!(range.row.as_ref().map(|r| r["rating"].clone()), Some(Json::String("7.50".into())));
 
     // The good row of the mixed transaction arrived; counters match.
     let events = topic_events(&p).await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.key == Some(1005) && e.op == Some(Op::Insert))
-    );
-    assert!(
-        !events
-            .iter()
-            .any(|e| matches!(e.key, Some(1001..=1004 | 1006)))
-    );
-    let counted: u64 = [
-        "null_in_required_field",
-        "out_of_range",
-        "bad_enum",
-        "unchanged_toast",
-    ]
-    .iter()
-    .map(|r| {
-        producer
-            .metrics
-            .dead_letters
-            .with_label_values(&["public.courier_performance", r])
-            .get()
-    })
-    .sum();
+    assert!(events.iter().any(|e| e.key == Some(1005) && e.op == Some(Op::Insert)));
+    assert!(!events.iter().any(|e| matches!(e.key, Some(1001..=1004 | 1006))));
+    let counted: u64 = ["null_in_required_field", "out_of_range", "bad_enum", "unchanged_toast"]
+        .iter()
+        .map(|r| producer.metrics.dead_letters.with_label_values(&["public.courier_performance", r]).get())
+        .sum();
     assert_eq!(counted, 6);
 
     // With REPLICA IDENTITY FULL the unchanged value comes from the old row: no dead letter.
@@ -351,23 +222,10 @@ async fn rows_that_break_the_contract_go_to_the_dead_letter_topic_and_the_stream
         .await
         .expect("identity full");
     let events = wait_converged(&p).await;
-    let last7 = events
-        .iter()
-        .rev()
-        .find(|e| e.key == Some(7))
-        .expect("key 7");
+    let last7 = events.iter().rev().find(|e| e.key == Some(7)).expect("key 7");
     assert_eq!(last7.op, Some(Op::Update));
-    assert!(
-        last7.before.is_some(),
-        "REPLICA IDENTITY FULL gives a before image"
-    );
-    assert_eq!(
-        last7
-            .after
-            .as_ref()
-            .map(|a| a["notes"].as_str().map(str::len)),
-        Some(Some(19200))
-    );
+    assert!(last7.before.is_some(), "REPLICA IDENTITY FULL gives a before image");
+    assert_eq!(last7.after.as_ref().map(|a| a["notes"].as_str().map(str::len)), Some(Some(19200)));
 
     // Schema changes: an extra column is ignored, a dropped contract column dead-letters.
     client
@@ -378,21 +236,9 @@ async fn rows_that_break_the_contract_go_to_the_dead_letter_topic_and_the_stream
         .await
         .expect("add column");
     let events = wait_converged(&p).await;
-    assert_eq!(
-        events
-            .iter()
-            .rev()
-            .find(|e| e.key == Some(8))
-            .and_then(|e| e.op),
-        Some(Op::Update)
-    );
+    assert_eq!(events.iter().rev().find(|e| e.key == Some(8)).and_then(|e| e.op), Some(Op::Update));
     assert!(
-        producer
-            .metrics
-            .schema_warnings
-            .with_label_values(&["public.courier_performance", "extra_column"])
-            .get()
-            >= 1
+        producer.metrics.schema_warnings.with_label_values(&["public.courier_performance", "extra_column"]).get() >= 1
     );
     client
         .batch_execute(
@@ -401,39 +247,22 @@ async fn rows_that_break_the_contract_go_to_the_dead_letter_topic_and_the_stream
         )
         .await
         .expect("drop column");
-    wait_for(
-        "a missing_column dead letter",
-        Duration::from_secs(30),
-        || async {
-            let l = dead_letters(&read_all(&p.kafka, &p.dead_letter).await);
-            l.iter()
-                .any(|l| {
-                    l.reason_code == "missing_column" && l.field.as_deref() == Some("cancellations")
-                })
-                .then_some(())
-        },
-    )
+    wait_for("a missing_column dead letter", Duration::from_secs(30), || async {
+        let l = dead_letters(&read_all(&p.kafka, &p.dead_letter).await);
+        l.iter().any(|l| l.reason_code == "missing_column" && l.field.as_deref() == Some("cancellations")).then_some(())
+    })
     .await;
     client
-        .batch_execute(
-            "ALTER TABLE courier_performance ADD COLUMN cancellations integer NOT NULL DEFAULT 0",
-        )
+        .batch_execute("ALTER TABLE courier_performance ADD COLUMN cancellations integer NOT NULL DEFAULT 0")
         .await
         .expect("restore");
 
     // Truncate: consumers drop every older row of the table.
     client.batch_execute("TRUNCATE courier_performance; INSERT INTO courier_performance (courier_id, city, tier, rating, on_time_rate) VALUES (1, 'Porto', 'silver', 4.1, 0.7)").await.expect("truncate");
     let events = wait_converged(&p).await;
-    assert!(
-        events
-            .iter()
-            .any(|e| e.op == Some(Op::Truncate) && e.key.is_none())
-    );
+    assert!(events.iter().any(|e| e.op == Some(Op::Truncate) && e.key.is_none()));
     assert_eq!(materialize(&events).len(), 1);
-    assert!(
-        !producer.is_finished(),
-        "the producer keeps running through all of it"
-    );
+    assert!(!producer.is_finished(), "the producer keeps running through all of it");
     producer.stop().await.expect("drain");
 }
 
@@ -447,9 +276,7 @@ async fn findings(p: &Pipeline) -> Vec<(Level, String)> {
 }
 
 fn has_failure(findings: &[(Level, String)], needle: &str) -> bool {
-    findings
-        .iter()
-        .any(|(l, m)| *l == Level::Fail && m.contains(needle))
+    findings.iter().any(|(l, m)| *l == Level::Fail && m.contains(needle))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -457,15 +284,8 @@ async fn check_reports_each_misconfiguration_with_what_to_do() {
     let db = TestDb::create().await;
     let p = Pipeline::new(&db);
     let healthy = findings(&p).await;
-    assert!(
-        !healthy.iter().any(|(l, _)| *l == Level::Fail),
-        "{healthy:#?}"
-    );
-    assert!(
-        healthy
-            .iter()
-            .any(|(l, m)| *l == Level::Warn && m.contains("rating allows NULL"))
-    );
+    assert!(!healthy.iter().any(|(l, _)| *l == Level::Fail), "{healthy:#?}");
+    assert!(healthy.iter().any(|(l, m)| *l == Level::Warn && m.contains("rating allows NULL")));
 
     let client = db.client().await;
     let cases: Vec<(&str, &str, &str)> = vec![
@@ -509,25 +329,14 @@ async fn check_reports_each_misconfiguration_with_what_to_do() {
         );
         client.batch_execute(fix_it).await.expect(fix_it);
     }
-    assert!(
-        !findings(&p).await.iter().any(|(l, _)| *l == Level::Fail),
-        "everything fixed again"
-    );
+    assert!(!findings(&p).await.iter().any(|(l, _)| *l == Level::Fail), "everything fixed again");
 
     // A role without REPLICATION or SELECT.
     let role = walcache_tests::unique("trole");
-    client
-        .batch_execute(&format!(
-            "CREATE ROLE {role} LOGIN PASSWORD '{}'",
-            db.env.pg_password
-        ))
-        .await
-        .expect("role");
+    client.batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{}'", db.env.pg_password)).await.expect("role");
     let mut weak = p.clone();
     weak.extra_toml = String::new();
-    let toml = weak
-        .toml(0)
-        .replace("postgres://postgres@", &format!("postgres://{role}@"));
+    let toml = weak.toml(0).replace("postgres://postgres@", &format!("postgres://{role}@"));
     let config: walcache_producer::ProducerConfig = toml::from_str(&toml).expect("config");
     let found: Vec<(Level, String)> = check::run_check(&config)
         .await
@@ -535,15 +344,9 @@ async fn check_reports_each_misconfiguration_with_what_to_do() {
         .into_iter()
         .map(|f| (f.level, format!("{} -> {}", f.problem, f.fix)))
         .collect();
-    assert!(
-        has_failure(&found, "lacks the REPLICATION attribute"),
-        "{found:#?}"
-    );
+    assert!(has_failure(&found, "lacks the REPLICATION attribute"), "{found:#?}");
     assert!(has_failure(&found, "may not SELECT"), "{found:#?}");
-    assert!(
-        has_failure(&found, &format!("ALTER ROLE \"{role}\" REPLICATION")),
-        "{found:#?}"
-    );
+    assert!(has_failure(&found, &format!("ALTER ROLE \"{role}\" REPLICATION")), "{found:#?}");
 
     // Kafka unreachable.
     let mut offline = p.clone();
@@ -551,12 +354,7 @@ async fn check_reports_each_misconfiguration_with_what_to_do() {
     let mut config = offline.config();
     config.kafka.request_timeout = Duration::from_secs(2);
     let found = check::run_check(&config).await;
-    assert!(
-        found
-            .findings
-            .iter()
-            .any(|f| f.level == Level::Fail && f.problem.contains("cannot reach Kafka"))
-    );
+    assert!(found.findings.iter().any(|f| f.level == Level::Fail && f.problem.contains("cannot reach Kafka")));
     let _ = HashMap::<(), ()>::new();
 }
 
@@ -572,11 +370,7 @@ async fn check_exits_non_zero_when_wal_level_is_not_logical() {
         .status()
         .expect("script");
     assert!(status.success());
-    let env: &'static walcache_tests::Env = Box::leak(Box::new(walcache_tests::load_env(
-        &repo,
-        dir.path(),
-        "pg-up",
-    )));
+    let env: &'static walcache_tests::Env = Box::leak(Box::new(walcache_tests::load_env(&repo, dir.path(), "pg-up")));
     let db = TestDb::create_in(env).await;
     let mut p = Pipeline::with_kafka(&db, &walcache_tests::Env::get().kafka);
     p.extra_toml = String::new();
@@ -595,8 +389,5 @@ async fn check_exits_non_zero_when_wal_level_is_not_logical() {
         .status();
     assert_eq!(out.status.code(), Some(1), "{stdout}");
     assert!(stdout.contains("FAIL wal_level is 'replica'"), "{stdout}");
-    assert!(
-        stdout.contains("set wal_level = logical in postgresql.conf and restart Postgres"),
-        "{stdout}"
-    );
+    assert!(stdout.contains("set wal_level = logical in postgresql.conf and restart Postgres"), "{stdout}");
 }

@@ -30,32 +30,21 @@ async fn converge(p: &Pipeline, timeout: Duration) -> Vec<Event> {
             "topic did not converge: table {} rows, view {} rows, {} differ",
             table.len(),
             view.len(),
-            table
-                .iter()
-                .filter(|(k, v)| view.get(k) != Some(*v))
-                .count()
+            table.iter().filter(|(k, v)| view.get(k) != Some(*v)).count()
         );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
 
 async fn topic_size(p: &Pipeline) -> i64 {
-    high_watermarks(&p.kafka, &p.topic)
-        .await
-        .iter()
-        .map(|(_, h)| h)
-        .sum()
+    high_watermarks(&p.kafka, &p.topic).await.iter().map(|(_, h)| h).sum()
 }
 
 async fn wait_ready(process: &mut ProducerProcess, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     while !process.ready().await {
         assert!(!process.has_exited(), "producer exited: {}", process.log());
-        assert!(
-            Instant::now() < deadline,
-            "producer not ready: {}",
-            process.log()
-        );
+        assert!(Instant::now() < deadline, "producer not ready: {}", process.log());
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -66,18 +55,13 @@ async fn kill_9_mid_snapshot_restarts_the_snapshot_and_loses_nothing() {
     db.seed(1, 150_000).await;
     let p = Pipeline::new(&db);
     let mut first = p.spawn();
-    wait_for(
-        "the snapshot to be under way",
-        Duration::from_secs(60),
-        || async { (topic_size(&p).await >= 10_000).then_some(()) },
-    )
+    wait_for("the snapshot to be under way", Duration::from_secs(60), || async {
+        (topic_size(&p).await >= 10_000).then_some(())
+    })
     .await;
     first.kill9();
     let partial = topic_size(&p).await;
-    assert!(
-        partial < 150_000,
-        "the kill should land mid-snapshot (topic had {partial})"
-    );
+    assert!(partial < 150_000, "the kill should land mid-snapshot (topic had {partial})");
 
     // Writes while no producer runs: the new snapshot carries their effects (as snapshot
     // rows, since they commit before the new slot's consistent point).
@@ -86,11 +70,7 @@ async fn kill_9_mid_snapshot_restarts_the_snapshot_and_loses_nothing() {
     let _covered_by_snapshot = offline.stop().await;
     let mut second = p.spawn();
     wait_ready(&mut second, Duration::from_secs(120)).await;
-    assert!(
-        second.log().contains("initial snapshot never completed"),
-        "{}",
-        second.log()
-    );
+    assert!(second.log().contains("initial snapshot never completed"), "{}", second.log());
     // Writes after the new slot exists must each arrive as their own event.
     let writer = Writer::start(&db, 150_000, 20_000_000, Duration::from_millis(2)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -115,33 +95,19 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
     let big_txid: i64 = {
         let mut client = db.client().await;
         let tx = client.transaction().await.expect("tx");
-        let id: i64 = tx
-            .query_one("SELECT txid_current()::int8", &[])
-            .await
-            .expect("txid")
-            .get(0);
-        tx.execute(
-            "UPDATE courier_performance SET cancellations = cancellations + 1",
-            &[],
-        )
-        .await
-        .expect("big update");
+        let id: i64 = tx.query_one("SELECT txid_current()::int8", &[]).await.expect("txid").get(0);
+        tx.execute("UPDATE courier_performance SET cancellations = cancellations + 1", &[]).await.expect("big update");
         tx.commit().await.expect("commit");
         id
     };
-    wait_for(
-        "part of the big transaction on the topic",
-        Duration::from_secs(60),
-        || async { (topic_size(&p).await >= before + 3_000).then_some(()) },
-    )
+    wait_for("part of the big transaction on the topic", Duration::from_secs(60), || async {
+        (topic_size(&p).await >= before + 3_000).then_some(())
+    })
     .await;
     producer.kill9();
     let confirmed = db.slot_confirmed(&p.slot).await.expect("slot");
     let delivered = topic_size(&p).await - before;
-    assert!(
-        delivered < 60_000,
-        "the kill should land mid-transaction ({delivered} delivered)"
-    );
+    assert!(delivered < 60_000, "the kill should land mid-transaction ({delivered} delivered)");
     let events = topic_events(&p).await;
     assert!(
         events
@@ -155,23 +121,12 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
     // The restart replays the whole big transaction; let that finish and be confirmed.
     producer = p.spawn();
     wait_ready(&mut producer, Duration::from_secs(120)).await;
-    let big_lsn = events
-        .iter()
-        .filter_map(|e| e.position)
-        .filter(|pos| pos.txid == big_txid as u64)
-        .map(|pos| pos.lsn)
-        .next();
+    let big_lsn =
+        events.iter().filter_map(|e| e.position).filter(|pos| pos.txid == big_txid as u64).map(|pos| pos.lsn).next();
     let big_lsn = big_lsn.expect("part of the big transaction was on the topic");
-    wait_for(
-        "the big transaction to be confirmed",
-        Duration::from_secs(120),
-        || async {
-            db.slot_confirmed(&p.slot)
-                .await
-                .filter(|c| *c > big_lsn)
-                .map(|_| ())
-        },
-    )
+    wait_for("the big transaction to be confirmed", Duration::from_secs(120), || async {
+        db.slot_confirmed(&p.slot).await.filter(|c| *c > big_lsn).map(|_| ())
+    })
     .await;
 
     // Between delivery and ack: small transactions under load, killed while the last
@@ -205,36 +160,22 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
     let txids = writer.stop().await;
     let events = converge(&p, Duration::from_secs(120)).await;
     assert_all_on_topic(&events, &txids);
-    assert!(
-        events
-            .iter()
-            .any(|e| e.position.is_some_and(|pos| pos.txid == big_txid as u64))
-    );
+    assert!(events.iter().any(|e| e.position.is_some_and(|pos| pos.txid == big_txid as u64)));
     let big_keys = events
         .iter()
         .filter(|e| e.position.is_some_and(|pos| pos.txid == big_txid as u64))
         .filter_map(|e| e.key)
         .collect::<std::collections::HashSet<_>>();
-    assert_eq!(
-        big_keys.len(),
-        60_000,
-        "every row of the big transaction is on the topic"
-    );
+    assert_eq!(big_keys.len(), 60_000, "every row of the big transaction is on the topic");
     check_order_per_key(&events).expect("order per key");
     let dups = duplicates(&events);
-    assert!(
-        !dups.is_empty(),
-        "the replays after the kills should show as duplicates"
-    );
+    assert!(!dups.is_empty(), "the replays after the kills should show as duplicates");
     // Duplicates come only from positions the slot had not confirmed when a kill happened.
     // Confirmed positions only grow, so none may sit before the first kill's confirmed LSN,
     // and the last kill's replays sit at or after its own.
     for d in &dups {
         let pos = d.position.expect("position");
-        assert!(
-            pos.lsn >= confirmed,
-            "duplicate before the first kill's confirmed position {confirmed}: {pos:?}"
-        );
+        assert!(pos.lsn >= confirmed, "duplicate before the first kill's confirmed position {confirmed}: {pos:?}");
     }
     let after: Vec<_> = events
         .iter()
@@ -244,16 +185,10 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
         .take(5)
         .collect();
     assert!(
-        dups.iter()
-            .filter_map(|d| d.position)
-            .any(|pos| pos.lsn >= confirmed_at_kill && pos.txid != big_txid as u64),
+        dups.iter().filter_map(|d| d.position).any(|pos| pos.lsn >= confirmed_at_kill && pos.txid != big_txid as u64),
         "the last kill's unacknowledged commits were replayed: confirmed at kill {confirmed_at_kill}, events after it {after:?}, {} dups, dup lsns {:?}",
         dups.len(),
-        dups.iter()
-            .filter_map(|d| d.position)
-            .map(|p| (p.lsn, p.txid))
-            .take(5)
-            .collect::<Vec<_>>()
+        dups.iter().filter_map(|d| d.position).map(|p| (p.lsn, p.txid)).take(5).collect::<Vec<_>>()
     );
     last.terminate(Duration::from_secs(30));
 }
@@ -265,21 +200,15 @@ async fn a_real_broker_restart_loses_nothing_and_in_flight_stays_bounded() {
     db.seed(1, 2_000).await;
     let mut p = Pipeline::with_kafka(&db, &broker.bootstrap);
     p.extra_toml = String::new();
-    let toml = p
-        .toml(0)
-        .replace("max_in_flight = 20000", "max_in_flight = 500");
+    let toml = p.toml(0).replace("max_in_flight = 20000", "max_in_flight = 500");
     let config: walcache_producer::ProducerConfig = toml::from_str(&toml).expect("config");
     let metrics = walcache_producer::Metrics::new().expect("metrics");
     let health = std::sync::Arc::new(walcache_common::ops::Health::default());
-    let producer = walcache_producer::Producer::new(config, metrics.clone(), health.clone())
-        .expect("producer");
+    let producer = walcache_producer::Producer::new(config, metrics.clone(), health.clone()).expect("producer");
     let cancel = tokio_util::sync::CancellationToken::new();
     let token = cancel.clone();
     let task = tokio::spawn(async move { producer.run(token).await });
-    wait_for("producer ready", Duration::from_secs(60), || async {
-        health.is_ready().then_some(())
-    })
-    .await;
+    wait_for("producer ready", Duration::from_secs(60), || async { health.is_ready().then_some(()) }).await;
 
     let writer = Writer::start(&db, 2_000, 10_000_000, Duration::from_millis(1)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -287,22 +216,13 @@ async fn a_real_broker_restart_loses_nothing_and_in_flight_stays_bounded() {
     // While the broker is away: writes continue, the producer holds at most max_in_flight
     // and stops reading the slot.
     let client = db.client().await;
-    client
-        .execute(
-            "UPDATE courier_performance SET cancellations = cancellations + 1",
-            &[],
-        )
-        .await
-        .expect("burst");
+    client.execute("UPDATE courier_performance SET cancellations = cancellations + 1", &[]).await.expect("burst");
     let mut peak = 0;
     for _ in 0..30 {
         peak = peak.max(metrics.in_flight.get());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(
-        peak <= 500 + 3,
-        "in-flight messages exceeded the bound: {peak}"
-    );
+    assert!(peak <= 500 + 3, "in-flight messages exceeded the bound: {peak}");
     let lag = client
         .query_one(
             "SELECT (pg_current_wal_lsn() - sent_lsn)::int8 FROM pg_stat_replication WHERE application_name = $1",
@@ -311,10 +231,7 @@ async fn a_real_broker_restart_loses_nothing_and_in_flight_stays_bounded() {
         .await
         .map(|r| r.get::<_, i64>(0))
         .unwrap_or(i64::MAX);
-    assert!(
-        lag > 0,
-        "with Kafka away the producer should stop reading the slot"
-    );
+    assert!(lag > 0, "with Kafka away the producer should stop reading the slot");
     broker.resume();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let txids = writer.stop().await;
@@ -322,9 +239,7 @@ async fn a_real_broker_restart_loses_nothing_and_in_flight_stays_bounded() {
     assert_all_on_topic(&events, &txids);
     check_order_per_key(&events).expect("order per key");
     cancel.cancel();
-    task.await
-        .expect("task")
-        .expect("clean drain after the outage");
+    task.await.expect("task").expect("clean drain after the outage");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,11 +250,7 @@ async fn injected_broker_faults_lose_nothing() {
     let db = TestDb::create().await;
     db.seed(1, 500).await;
     let p = Pipeline::with_kafka(&db, &mock.bootstrap_servers());
-    for (topic, partitions) in [
-        (&p.topic, p.partitions),
-        (&p.watermarks, 1),
-        (&p.dead_letter, 1),
-    ] {
+    for (topic, partitions) in [(&p.topic, p.partitions), (&p.watermarks, 1), (&p.dead_letter, 1)] {
         mock.create_topic(topic, partitions, 3).expect("mock topic");
     }
     let producer = p.start_in_process();
@@ -359,12 +270,10 @@ async fn injected_broker_faults_lose_nothing() {
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
     mock.broker_down(1).expect("down");
-    mock.broker_round_trip_time(2, Duration::from_millis(300))
-        .expect("slow broker");
+    mock.broker_round_trip_time(2, Duration::from_millis(300)).expect("slow broker");
     tokio::time::sleep(Duration::from_secs(2)).await;
     mock.broker_up(1).expect("up");
-    mock.broker_round_trip_time(2, Duration::ZERO)
-        .expect("fast again");
+    mock.broker_round_trip_time(2, Duration::ZERO).expect("fast again");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let txids = writer.stop().await;
     let events = converge(&p, Duration::from_secs(120)).await;
@@ -381,24 +290,16 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     let mut leader = p.spawn();
     wait_ready(&mut leader, Duration::from_secs(60)).await;
     let mut standby = p.spawn();
-    wait_for(
-        "the standby to wait for the slot",
-        Duration::from_secs(30),
-        || async { standby.log().contains("standing by").then_some(()) },
-    )
+    wait_for("the standby to wait for the slot", Duration::from_secs(30), || async {
+        standby.log().contains("standing by").then_some(())
+    })
     .await;
     assert!(!standby.ready().await, "a standby is not ready");
     let writer = Writer::start(&db, 1_000, 10_000_000, Duration::from_millis(2)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     leader.kill9();
     wait_ready(&mut standby, Duration::from_secs(60)).await;
-    assert!(
-        standby
-            .log()
-            .contains("resuming from the slot's confirmed position"),
-        "{}",
-        standby.log()
-    );
+    assert!(standby.log().contains("resuming from the slot's confirmed position"), "{}", standby.log());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let txids = writer.stop().await;
     let events = converge(&p, Duration::from_secs(60)).await;
@@ -415,32 +316,14 @@ async fn sigterm_drains_confirms_and_exits_zero_so_a_restart_repeats_nothing() {
     let writer = Writer::start(&db, 1_000, 10_000_000, Duration::ZERO).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     let started = Instant::now();
-    let status = producer
-        .terminate(Duration::from_secs(30))
-        .expect("exits within the deadline");
-    assert!(
-        status.success(),
-        "exit status {status:?}: {}",
-        producer.log()
-    );
+    let status = producer.terminate(Duration::from_secs(30)).expect("exits within the deadline");
+    assert!(status.success(), "exit status {status:?}: {}", producer.log());
     assert!(started.elapsed() < Duration::from_secs(20));
-    assert!(
-        producer.log().contains("slot confirmed; shutdown complete"),
-        "{}",
-        producer.log()
-    );
+    assert!(producer.log().contains("slot confirmed; shutdown complete"), "{}", producer.log());
     let confirmed = db.slot_confirmed(&p.slot).await.expect("slot");
     let events = topic_events(&p).await;
-    let newest = events
-        .iter()
-        .filter_map(|e| e.position)
-        .map(|pos| pos.lsn)
-        .max()
-        .expect("events");
-    assert!(
-        confirmed > newest,
-        "everything delivered was confirmed (confirmed {confirmed}, newest commit {newest})"
-    );
+    let newest = events.iter().filter_map(|e| e.position).map(|pos| pos.lsn).max().expect("events");
+    assert!(confirmed > newest, "everything delivered was confirmed (confirmed {confirmed}, newest commit {newest})");
 
     let mut again = p.spawn();
     wait_ready(&mut again, Duration::from_secs(60)).await;
@@ -448,9 +331,6 @@ async fn sigterm_drains_confirms_and_exits_zero_so_a_restart_repeats_nothing() {
     let txids = writer.stop().await;
     let events = converge(&p, Duration::from_secs(60)).await;
     assert_all_on_topic(&events, &txids);
-    assert!(
-        duplicates(&events).is_empty(),
-        "a clean drain leaves nothing to repeat"
-    );
+    assert!(duplicates(&events).is_empty(), "a clean drain leaves nothing to repeat");
     again.terminate(Duration::from_secs(30));
 }

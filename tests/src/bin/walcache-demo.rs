@@ -63,7 +63,12 @@ async fn main() -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    println!("   streaming after {:.1}s (config {}, log {})", started.elapsed().as_secs_f64(), config_path.display(), log_path.display());
+    println!(
+        "   streaming after {:.1}s (config {}, log {})",
+        started.elapsed().as_secs_f64(),
+        config_path.display(),
+        log_path.display()
+    );
 
     println!("\n-- 4. simulated Incentives writer: 8 seconds of updates, inserts and deletes");
     let writer = Writer::start(&db, 5000, 100_000, Duration::from_millis(3)).await;
@@ -117,8 +122,10 @@ async fn main() -> Result<()> {
     let mut set_aside = std::collections::BTreeSet::new();
     println!("   dead-letter topic {}: {} rows set aside", pipeline.dead_letter, dead.len());
     for r in &dead {
-        let letter: walcache_common::dead_letter::DeadLetter = serde_json::from_slice(r.value.as_deref().unwrap_or_default())?;
-        if let Some(id) = letter.key.as_ref().and_then(|k| k["courier_id"].as_str()).and_then(|k| k.parse::<i64>().ok()) {
+        let letter: walcache_common::dead_letter::DeadLetter =
+            serde_json::from_slice(r.value.as_deref().unwrap_or_default())?;
+        if let Some(id) = letter.key.as_ref().and_then(|k| k["courier_id"].as_str()).and_then(|k| k.parse::<i64>().ok())
+        {
             set_aside.insert(id);
         }
         println!(
