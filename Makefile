@@ -15,12 +15,13 @@ build:
 demo: tools build
 	$(CARGO) run --quiet -p walcache-tests --bin walcache-demo
 
-# One environment for the whole run; every test gets its own database, slot and topics.
+# One fresh environment for the whole run (destroyed after it: tansu slows down as its sqlite
+# storage fills up); every test gets its own database, slot and topics.
 test: tools
 	deploy/local/walcache-env up --dir $(TEST_ENV)
 	$(CARGO) build --workspace --bins --tests
 	status=0; WALCACHE_TEST_ENV_DIR=$(CURDIR)/$(TEST_ENV) $(CARGO) test --workspace --no-fail-fast || status=$$?; \
-	  deploy/local/walcache-env down --dir $(TEST_ENV); exit $$status
+	  deploy/local/walcache-env destroy --dir $(TEST_ENV); exit $$status
 
 lint:
 	$(CARGO) fmt --all -- --check

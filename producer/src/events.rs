@@ -195,7 +195,10 @@ impl Emitter {
         Ok(())
     }
 
-    /// A truncate marker: consumers drop every row of the table older than `position`.
+    /// A truncate marker: consumers drop every row of the table older than `position`. A
+    /// snapshot opens with one (its position flagged `snapshot`): consumers apply that floor
+    /// once a `streaming` watermark covers the snapshot, so a half-done snapshot never hides
+    /// rows it has not copied yet.
     pub async fn truncate(
         &mut self,
         sink: &mut Sink,

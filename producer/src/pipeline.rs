@@ -260,12 +260,21 @@ impl Producer {
             let started = Instant::now();
             let mut total = 0;
             for table in &self.tables {
+                // The snapshot replaces the table: rows older than its consistent point that
+                // it does not copy again (deleted while no producer ran) must not survive.
+                let mut position = Position {
+                    lsn: consistent_point,
+                    index: 0,
+                    txid: 0,
+                    commit_ts_micros: snapshot_ts,
+                    snapshot: true,
+                };
+                emitter.truncate(sink, table, &mut position).await?;
                 let copied = snapshot::copy_table(
                     &self.pg,
                     &snapshot_name,
                     table,
-                    consistent_point,
-                    snapshot_ts,
+                    position,
                     sink,
                     emitter,
                     &self.metrics,

@@ -127,10 +127,19 @@ impl Sink {
                 ("queue.buffering.max.messages", queue_messages.to_string()),
                 // The partitioner of the Java client, so every tool agrees where a key lives.
                 ("partitioner", "murmur2_random".into()),
+                // One request in flight per broker, like Kafka Connect's source producers: a
+                // broker whose idempotence is imperfect (tansu) could otherwise accept a later
+                // batch after failing an earlier one. Apache Kafka's idempotence makes 5 safe.
+                ("max.in.flight.requests.per.connection", "1".into()),
             ],
             &[
                 ("acks", "all", "a change is confirmed to Postgres only once every replica has it"),
                 ("enable.idempotence", "true", "retries must not duplicate or reorder a key's events"),
+                (
+                    "enable.gapless.guarantee",
+                    "true",
+                    "a failed batch must stop the batches after it, or a key's events could be reordered",
+                ),
             ],
         )?;
         let producer: FutureProducer = cfg.create().map_err(|e| {

@@ -6,6 +6,7 @@
 //!        │ (replication session stays idle so the snapshot stays valid)
 //!        ▼
 //!  BEGIN REPEATABLE READ; SET TRANSACTION SNAPSHOT 'snapshot_name';
+//!  truncate marker (lsn=consistent_point, snapshot, index 0): the snapshot replaces older rows
 //!  COPY schema.table TO STDOUT ──► text rows ──► Emitter::upsert(op=snapshot, lsn=consistent_point)
 //!        ▼
 //!  START_REPLICATION from consistent_point: only changes committed after the snapshot
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
-use walcache_schemas::{Lsn, Op, Position};
+use walcache_schemas::{Op, Position};
 
 use crate::ProducerError;
 use crate::binding::{Binding, TableRuntime};
@@ -40,8 +41,7 @@ pub async fn copy_table(
     pg: &PgConnection,
     snapshot_name: &str,
     table: &Arc<TableRuntime>,
-    consistent_point: Lsn,
-    snapshot_ts_micros: i64,
+    first: Position,
     sink: &mut Sink,
     emitter: &mut Emitter,
     metrics: &Metrics,
@@ -87,13 +87,8 @@ pub async fn copy_table(
         let mut pending: Vec<u8> = Vec::with_capacity(1 << 16);
         let mut line_buf = Vec::with_capacity(512);
         let mut columns = Vec::with_capacity(16);
-        let mut position = Position {
-            lsn: consistent_point,
-            index: 0,
-            txid: 0,
-            commit_ts_micros: snapshot_ts_micros,
-            snapshot: true,
-        };
+        let consistent_point = first.lsn;
+        let mut position = first;
         let started = Instant::now();
         let mut last_log = Instant::now();
         let mut rows: u64 = 0;
