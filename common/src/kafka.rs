@@ -10,6 +10,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::CommonError;
 use crate::config::KafkaConfig;
@@ -45,6 +46,38 @@ pub fn client_config(
     cfg.set_log_level(rdkafka::config::RDKafkaLogLevel::Warning);
     Ok(cfg)
 }
+
+/// A librdkafka client context that routes its logs through tracing at honest levels:
+/// reaching the end of a partition is not an error, and a broker that is down for a moment
+/// is a warning the client recovers from.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct QuietContext;
+
+impl rdkafka::ClientContext for QuietContext {
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        match level {
+            L::Emerg | L::Alert | L::Critical | L::Error => {
+                tracing::error!(target: "librdkafka", facility = fac, "{message}")
+            }
+            L::Warning => tracing::warn!(target: "librdkafka", facility = fac, "{message}"),
+            L::Notice | L::Info => tracing::info!(target: "librdkafka", facility = fac, "{message}"),
+            L::Debug => tracing::debug!(target: "librdkafka", facility = fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        match error.rdkafka_error_code() {
+            Some(RDKafkaErrorCode::PartitionEOF) => {}
+            Some(RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown) => {
+                tracing::warn!(target: "librdkafka", error = %error, "{reason}")
+            }
+            _ => tracing::error!(target: "librdkafka", error = %error, "{reason}"),
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for QuietContext {}
 
 /// A topic walcache needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,4 +220,86 @@ pub async fn ensure_topics(kafka: &KafkaConfig, metadata: &Metadata, specs: &[To
         }
     }
     Ok(())
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Reads `topic` from the beginning up to the high watermarks it has now (at most `limit`
+/// records, newest kept), for small state topics (watermarks, dead letters).
+pub async fn read_to_end(
+    kafka: &KafkaConfig,
+    metadata: &Metadata,
+    topic: &str,
+    client_id: &str,
+    limit: usize,
+) -> Result<Vec<Record>, CommonError> {
+    let mut ends = Vec::new();
+    for partition in metadata.partitions(topic).await? {
+        let (low, high) = metadata.watermarks(topic, partition).await?;
+        if high > low {
+            ends.push((partition, high));
+        }
+    }
+    if ends.is_empty() {
+        return Ok(Vec::new());
+    }
+    let consumer: BaseConsumer = client_config(
+        kafka,
+        &[
+            ("client.id", client_id.to_string()),
+            ("group.id", format!("{client_id}-reader")),
+            ("enable.auto.commit", "false".into()),
+        ],
+        &[],
+    )?
+    .create()
+    .map_err(|e| CommonError::kafka("creating a reader", e))?;
+    let topic_name = topic.to_string();
+    let budget = kafka.request_timeout * 6;
+    tokio::task::spawn_blocking(move || -> Result<Vec<Record>, CommonError> {
+        let mut tpl = TopicPartitionList::new();
+        for (p, _) in &ends {
+            tpl.add_partition_offset(&topic_name, *p, Offset::Beginning)
+                .map_err(|e| CommonError::kafka("assigning partitions", e))?;
+        }
+        consumer.assign(&tpl).map_err(|e| CommonError::kafka("assigning partitions", e))?;
+        let mut remaining = ends;
+        let mut out = std::collections::VecDeque::new();
+        let started = std::time::Instant::now();
+        while !remaining.is_empty() {
+            if started.elapsed() > budget {
+                return Err(CommonError::Topic {
+                    topic: topic_name.clone(),
+                    problem: format!("reading it to its end took longer than {budget:?}"),
+                });
+            }
+            match consumer.poll(Duration::from_millis(200)) {
+                None => {}
+                Some(Err(e)) => return Err(CommonError::kafka(format!("reading {topic_name}"), e)),
+                Some(Ok(m)) => {
+                    let (p, off) = (m.partition(), m.offset());
+                    out.push_back(Record {
+                        partition: p,
+                        offset: off,
+                        key: m.key().map(<[u8]>::to_vec),
+                        value: m.payload().map(<[u8]>::to_vec),
+                    });
+                    if out.len() > limit {
+                        out.pop_front();
+                    }
+                    remaining.retain(|&(rp, high)| !(rp == p && off + 1 >= high));
+                }
+            }
+        }
+        Ok(out.into())
+    })
+    .await
+    .map_err(|e| CommonError::Config(format!("reader task failed: {e}")))?
 }

@@ -29,6 +29,14 @@ install_postgres() {
   ls /usr/lib/postgresql/*/bin/initdb >/dev/null
 }
 
+install_sqlite3() {
+  # Used to add indexes tansu's sqlite storage lacks (see walcache-env).
+  command -v sqlite3 >/dev/null && return
+  log "installing sqlite3 (Debian package)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null \
+    || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null; }
+}
+
 install_tansu() {
   if [ -x "$TANSU_BIN" ]; then
     log "tansu: $TANSU_BIN"
@@ -48,7 +56,7 @@ install_tansu() {
 case "${1:-all}" in
   postgres) install_postgres ;;
   tansu) install_tansu ;;
-  all) install_postgres; install_tansu ;;
+  all) install_postgres; install_sqlite3; install_tansu ;;
   path-tansu) echo "$TANSU_BIN" ;;
   *) echo "usage: $0 [all|postgres|tansu|path-tansu]" >&2; exit 2 ;;
 esac

@@ -72,7 +72,7 @@ fn default_slot() -> String {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TopicsConfig {
     /// Table topics are `<prefix>.<schema>.<table>` unless a table names its own.
     pub prefix: String,
@@ -121,14 +121,14 @@ pub enum SnapshotMode {
 }
 
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct SnapshotConfig {
     #[serde(default)]
     pub mode: SnapshotMode,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct PipelineConfig {
     /// Messages handed to Kafka but not yet acknowledged; beyond this the producer stops
     /// reading the slot (invariant 6).
@@ -375,6 +375,28 @@ mod tests {
             ))
             .extract::<ProducerConfig>();
         assert!(unknown.expect_err("unknown field").to_string().contains("slott"));
+    }
+
+    #[test]
+    fn partial_sections_take_defaults() {
+        let cfg = toml_config(
+            r#"
+            [postgres]
+            url = "postgres://walcache@db/incentives"
+            [kafka]
+            bootstrap_servers = "k:9092"
+            [topics]
+            prefix = "payments"
+            [pipeline]
+            max_in_flight = 10
+            [[tables]]
+            table = "public.courier_performance"
+            contract = "courier_performance"
+            "#,
+        );
+        assert_eq!(cfg.topics.partitions, 6);
+        assert_eq!(cfg.pipeline.shutdown_timeout, std::time::Duration::from_secs(30));
+        assert_eq!(cfg.table_specs().expect("specs")[0].topic, "payments.public.courier_performance");
     }
 
     #[test]

@@ -173,6 +173,22 @@ impl RowPlan {
         Ok(())
     }
 
+    /// The encoded bytes of each field of one encoded row, in schema order (union branch
+    /// included). Used to compare a row's key fields with a message key without decoding.
+    pub fn field_slices<'a>(&self, row: &'a [u8]) -> Result<Vec<&'a [u8]>, SchemaError> {
+        let mut r = Reader::new(row);
+        let mut out = Vec::with_capacity(self.fields.len());
+        for field in &self.fields {
+            let start = r.buf;
+            field.skip(&mut r)?;
+            out.push(&start[..start.len() - r.buf.len()]);
+        }
+        if !r.buf.is_empty() {
+            return Err(SchemaError::malformed("bytes left after the row"));
+        }
+        Ok(out)
+    }
+
     /// Decodes one encoded row to a JSON object (the query API's representation).
     pub fn read_json(&self, r: &mut Reader<'_>) -> Result<Map<String, Json>, SchemaError> {
         let mut out = Map::with_capacity(self.fields.len());

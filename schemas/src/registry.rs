@@ -113,6 +113,19 @@ impl Contract {
         Ok(out)
     }
 
+    /// Whether a key body is the key of `row` (written with `version`). Key fields are
+    /// non-null row fields of the same type (checked at load), so their encodings are equal.
+    pub fn key_matches_row(&self, version: &ValueVersion, key_body: &[u8], row: &[u8]) -> Result<bool, SchemaError> {
+        let slices = version.row.field_slices(row)?;
+        let mut expected = Vec::with_capacity(key_body.len());
+        for kf in &self.key_plan.fields {
+            let i =
+                version.row.index_of(&kf.name).ok_or_else(|| SchemaError::malformed("key field missing from row"))?;
+            expected.extend_from_slice(slices[i]);
+        }
+        Ok(expected == key_body)
+    }
+
     /// A complete key message (header + body).
     pub fn key_message(&self, body: &[u8]) -> Vec<u8> {
         let mut out = Vec::with_capacity(HEADER_LEN + body.len());

@@ -231,4 +231,9 @@ fn keys_from_text_and_json_agree() {
     assert_eq!(contract.key_from_text(&["x"]).expect_err("bad").code(), "unparseable");
     let msg = contract.key_message(&a);
     assert_eq!(registry.decode_key(contract, &msg).expect("decodes"), &a[..]);
+    let latest = contract.latest();
+    let row = encode_row(latest, 42);
+    assert!(contract.key_matches_row(latest, &a, &row).expect("row walks"));
+    let other = contract.key_from_text(&["43"]).expect("key");
+    assert!(!contract.key_matches_row(latest, &other, &row).expect("row walks"));
 }

@@ -14,6 +14,7 @@
 //! starts it on first use and leaves it running for the next run.
 
 pub mod broker;
+pub mod consumer;
 pub mod events;
 pub mod kafka;
 pub mod pipeline;

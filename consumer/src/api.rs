@@ -1,0 +1,454 @@
+//! The query API: rows with their as-of, consistency controls, status, export.
+//!
+//! ```text
+//!  GET  /v1/tables/{table}/rows/{key}   ?min_lsn=0/16B3748&wait_ms=500&max_staleness_ms=2000
+//!  POST /v1/tables/{table}/batch        {"keys": [42, 43], "min_lsn": ..., "wait_ms": ..., "max_staleness_ms": ...}
+//!  GET  /v1/tables/{table}/export       NDJSON: every held key with its position (for verify)
+//!  GET  /v1/status                      positions, lag, watermark, readiness, entries, evictions
+//!  GET  /healthz /readyz /metrics       (no token needed)
+//! ```
+//!
+//! Every answer says as of when it is true: the row's own position (LSN, commit time) and the
+//! view's (the watermark it is complete up to), plus staleness. A key the view cannot vouch
+//! for answers `unknown`, never `absent`. A request that asks for more consistency than the
+//! view has gets 503 with the reason, so the caller can fall back.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Body;
+use axum::extract::{MatchedPath, Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::Deserialize;
+use serde_json::{Value as Json, json};
+use walcache_common::config::Secret;
+use walcache_schemas::{Lsn, Position, micros_to_rfc3339, now_micros};
+
+use crate::store::Lookup;
+use crate::view::{TableView, View};
+use crate::watermark::Coverage;
+
+/// Shared state of the HTTP handlers.
+#[derive(Clone)]
+pub struct Api {
+    pub view: Arc<View>,
+    pub token: Option<Secret>,
+    pub max_batch: usize,
+    pub max_wait: Duration,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").field("max_batch", &self.max_batch).finish_non_exhaustive()
+    }
+}
+
+/// An API error: status, stable code, message for people, optional details.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    details: Json,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError { status, code, message: message.into(), details: Json::Null }
+    }
+
+    fn with(mut self, details: Json) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({ "error": self.code, "message": self.message });
+        if let (Json::Object(extra), Some(map)) = (self.details, body.as_object_mut()) {
+            map.extend(extra);
+        }
+        let mut response = (self.status, axum::Json(body)).into_response();
+        if self.status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+}
+
+/// The `/v1` routes (token-protected when a token is configured).
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/tables/{table}/rows/{key}", get(get_row))
+        .route("/v1/tables/{table}/batch", post(batch))
+        .route("/v1/tables/{table}/export", get(export))
+        .route("/v1/status", get(status))
+        .layer(middleware::from_fn_with_state(api.clone(), authenticate))
+        .layer(middleware::from_fn_with_state(api.clone(), observe))
+        .with_state(api)
+}
+
+async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> Response {
+    if let Some(token) = &api.token {
+        let given = request
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
+            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <token>")
+                .into_response();
+        }
+    }
+    next.run(request).await
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn observe(State(api): State<Api>, request: Request, next: Next) -> Response {
+    let route =
+        request.extensions().get::<MatchedPath>().map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let m = &api.view.metrics;
+    m.request_seconds.with_label_values(&[&route]).observe(started.elapsed().as_secs_f64());
+    m.requests.with_label_values(&[&route, response.status().as_str()]).inc();
+    response
+}
+
+/// Consistency options of a read.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadOptions {
+    /// Wait until the view covers this LSN (`16/B374D848` or a decimal number).
+    pub min_lsn: Option<String>,
+    /// How long to wait for `min_lsn` (capped by the server's `http.max_wait`; default 1000).
+    pub wait_ms: Option<u64>,
+    /// Refuse (503) if the view is older than this.
+    pub max_staleness_ms: Option<u64>,
+}
+
+/// The view's side of an answer.
+#[derive(Debug, Clone, Copy)]
+struct ViewAsOf {
+    coverage: Option<Coverage>,
+    staleness_ms: Option<i64>,
+}
+
+impl ViewAsOf {
+    fn now(view: &View) -> Self {
+        let coverage = view.coverage();
+        ViewAsOf { coverage, staleness_ms: coverage.map(|c| ((now_micros() - c.commit_ts_micros) / 1000).max(0)) }
+    }
+}
+
+async fn consistent_view(api: &Api, options: &ReadOptions) -> Result<ViewAsOf, ApiError> {
+    let view = &api.view;
+    if !view.is_ready() {
+        let r = view.restore();
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            format!(
+                "the view is restoring from the topics ({}%); answers would be incomplete",
+                if r.total > 0 { 100 * r.done / r.total } else { 0 }
+            ),
+        ));
+    }
+    if let Some(text) = &options.min_lsn {
+        let min: Lsn = text.parse().map_err(|e: walcache_schemas::position::ParseLsnError| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_min_lsn", e.to_string())
+        })?;
+        let budget = Duration::from_millis(options.wait_ms.unwrap_or(1000)).min(api.max_wait);
+        let started = Instant::now();
+        let mut rx = view.subscribe_coverage();
+        let reached = tokio::time::timeout(budget, async {
+            loop {
+                if rx.borrow_and_update().is_some_and(|c| c.lsn >= min) {
+                    return true;
+                }
+                if rx.changed().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await
+        .unwrap_or(false);
+        if !reached {
+            let now = ViewAsOf::now(view);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "min_lsn_not_reached",
+                format!("the view did not reach LSN {min} within {} ms", started.elapsed().as_millis()),
+            )
+            .with(json!({
+                "min_lsn": min,
+                "view_lsn": now.coverage.map(|c| c.lsn),
+                "waited_ms": started.elapsed().as_millis() as u64,
+            })));
+        }
+    }
+    let now = ViewAsOf::now(view);
+    if let Some(max) = options.max_staleness_ms {
+        let too_old = now.staleness_ms.is_none_or(|s| s > max as i64);
+        if too_old {
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "too_stale",
+                match now.staleness_ms {
+                    Some(s) => format!("the view is {s} ms old, more than the {max} ms asked for"),
+                    None => "the view has no watermark yet, so its age is unknown".into(),
+                },
+            )
+            .with(json!({ "staleness_ms": now.staleness_ms, "max_staleness_ms": max })));
+        }
+    }
+    Ok(now)
+}
+
+fn table<'a>(api: &'a Api, name: &str) -> Result<&'a TableView, ApiError> {
+    api.view.table(name).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "unknown_table",
+            format!("no table {name:?}; this view serves {}", api.view.table_names().join(", ")),
+        )
+    })
+}
+
+fn position_json(p: &Position) -> Json {
+    json!({
+        "lsn": p.lsn,
+        "commit_time": micros_to_rfc3339(p.commit_ts_micros),
+        "txid": p.txid,
+        "index": p.index,
+        "snapshot": p.snapshot,
+    })
+}
+
+/// One key's answer, as JSON, and its state name.
+fn answer(
+    t: &TableView,
+    key_body: &[u8],
+    key_json: Json,
+    view: &ViewAsOf,
+    metrics: &crate::metrics::Metrics,
+) -> (Json, &'static str) {
+    let lookup = t.store.get(key_body);
+    let (state, value, row_pos) = match &lookup {
+        Lookup::Present { row, position } => match t.spec.reader.row.row_to_json(row) {
+            Ok(v) => ("present", Json::Object(v), Some(*position)),
+            Err(_) => ("unknown", Json::Null, Some(*position)),
+        },
+        Lookup::Deleted { position } => ("deleted", Json::Null, Some(*position)),
+        Lookup::Absent => ("absent", Json::Null, None),
+        Lookup::Unknown => ("unknown", Json::Null, None),
+    };
+    metrics.lookups.with_label_values(&[&t.spec.name, state]).inc();
+    let body = json!({
+        "key": key_json,
+        "state": state,
+        "value": value,
+        "as_of": {
+            "row_lsn": row_pos.map(|p| p.lsn),
+            "row_commit_time": row_pos.map(|p| micros_to_rfc3339(p.commit_ts_micros)),
+            "row_txid": row_pos.map(|p| p.txid),
+            "view_lsn": view.coverage.map(|c| c.lsn),
+            "view_time": view.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)),
+        },
+        "staleness_ms": view.staleness_ms,
+    });
+    (body, state)
+}
+
+fn key_json_of(t: &TableView, body: &[u8]) -> Json {
+    match t.spec.contract.key_plan.row_to_json(body) {
+        Ok(map) if map.len() == 1 => map.into_iter().next().map(|(_, v)| v).unwrap_or(Json::Null),
+        Ok(map) => Json::Object(map),
+        Err(_) => Json::Null,
+    }
+}
+
+async fn get_row(
+    State(api): State<Api>,
+    Path((table_name, key)): Path<(String, String)>,
+    options: Result<Query<ReadOptions>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(options) = options.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_query", e.body_text()))?;
+    let t = table(&api, &table_name)?;
+    let body = t.spec.contract.key_from_text(&[key.as_str()]).map_err(|v| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "bad_key",
+            if t.spec.contract.key_plan.fields.len() > 1 {
+                "this table has a composite key: use POST .../batch with {\"keys\": [{...}]}".to_string()
+            } else {
+                v.to_string()
+            },
+        )
+    })?;
+    let view = consistent_view(&api, &options).await?;
+    let (answer, state) = answer(t, &body, key_json_of(t, &body), &view, &api.view.metrics);
+    let status = if state == "present" { StatusCode::OK } else { StatusCode::NOT_FOUND };
+    Ok((status, axum::Json(answer_with_table(&t.spec.name, answer))).into_response())
+}
+
+fn answer_with_table(table: &str, mut answer: Json) -> Json {
+    if let Some(map) = answer.as_object_mut() {
+        map.insert("table".into(), Json::String(table.to_string()));
+    }
+    answer
+}
+
+/// A batch request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchRequest {
+    pub keys: Vec<Json>,
+    #[serde(flatten)]
+    pub options: ReadOptionsBody,
+}
+
+/// Read options in a JSON body (`min_lsn` may be text or a number).
+#[derive(Debug, Default, Deserialize)]
+pub struct ReadOptionsBody {
+    pub min_lsn: Option<Lsn>,
+    pub wait_ms: Option<u64>,
+    pub max_staleness_ms: Option<u64>,
+}
+
+async fn batch(
+    State(api): State<Api>,
+    Path(table_name): Path<String>,
+    request: Result<axum::Json<BatchRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, ApiError> {
+    let axum::Json(request) =
+        request.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "bad_request", e.body_text()))?;
+    let t = table(&api, &table_name)?;
+    if request.keys.len() > api.max_batch {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "batch_too_large",
+            format!("{} keys; at most {} per request", request.keys.len(), api.max_batch),
+        ));
+    }
+    let mut bodies = Vec::with_capacity(request.keys.len());
+    for (i, k) in request.keys.iter().enumerate() {
+        let body = t.spec.contract.key_from_json(k).map_err(|v| {
+            ApiError::new(StatusCode::BAD_REQUEST, "bad_key", format!("keys[{i}]: {v}")).with(json!({ "index": i }))
+        })?;
+        bodies.push(body);
+    }
+    let options = ReadOptions {
+        min_lsn: request.options.min_lsn.map(|l| l.to_string()),
+        wait_ms: request.options.wait_ms,
+        max_staleness_ms: request.options.max_staleness_ms,
+    };
+    let view = consistent_view(&api, &options).await?;
+    let results: Vec<Json> =
+        bodies.iter().zip(request.keys).map(|(body, key)| answer(t, body, key, &view, &api.view.metrics).0).collect();
+    Ok(axum::Json(json!({
+        "table": t.spec.name,
+        "view": { "view_lsn": view.coverage.map(|c| c.lsn), "view_time": view.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)), "staleness_ms": view.staleness_ms },
+        "results": results,
+    }))
+    .into_response())
+}
+
+async fn export(State(api): State<Api>, Path(table_name): Path<String>) -> Result<Response, ApiError> {
+    let index = table(&api, &table_name).map(|t| t.spec.name.clone()).and_then(|name| {
+        api.view
+            .table_names()
+            .iter()
+            .position(|n| *n == name)
+            .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "unknown_table", name))
+    })?;
+    if !api.view.is_ready() {
+        return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the view is restoring"));
+    }
+    let view = Arc::clone(&api.view);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
+    tokio::task::spawn_blocking(move || {
+        let t = &view.tables[index];
+        let now = ViewAsOf::now(&view);
+        let header = json!({ "view_lsn": now.coverage.map(|c| c.lsn), "view_time": now.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)), "has_evicted": t.store.has_evicted() });
+        let mut buf = Vec::with_capacity(1 << 16);
+        buf.extend_from_slice(header.to_string().as_bytes());
+        buf.push(b'\n');
+        let mut open = true;
+        t.store.for_each(|key, position, row| {
+            if !open {
+                return;
+            }
+            let line = json!({
+                "key": key_json_of(t, key),
+                "state": if row.is_some() { "present" } else { "deleted" },
+                "position": position_json(&position),
+                "value": row.and_then(|r| t.spec.reader.row.row_to_json(r).ok()).map_or(Json::Null, Json::Object),
+            });
+            buf.extend_from_slice(line.to_string().as_bytes());
+            buf.push(b'\n');
+            if buf.len() >= 1 << 16 {
+                open = tx.blocking_send(Ok(bytes::Bytes::from(std::mem::take(&mut buf)))).is_ok();
+            }
+        });
+        if open && !buf.is_empty() {
+            let _ = tx.blocking_send(Ok(bytes::Bytes::from(buf)));
+        }
+    });
+    let stream = futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) });
+    Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
+}
+
+async fn status(State(api): State<Api>) -> Response {
+    let view = &api.view;
+    let now = ViewAsOf::now(view);
+    let restore = view.restore();
+    let tables: Vec<Json> = view
+        .tables
+        .iter()
+        .map(|t| {
+            let s = t.store.stats();
+            json!({
+                "name": t.spec.name,
+                "topic": t.spec.topic,
+                "contract": t.spec.contract.name,
+                "contract_version": t.spec.reader.version,
+                "entries": s.live.load(std::sync::atomic::Ordering::Relaxed),
+                "tombstones": s.tombstones.load(std::sync::atomic::Ordering::Relaxed),
+                "bytes": t.store.weighted_bytes(),
+                "evicted_rows": s.evicted_rows.load(std::sync::atomic::Ordering::Relaxed),
+                "truncated_at": t.floor().map(|p| position_json(&p)),
+            })
+        })
+        .collect();
+    let partitions: Vec<Json> = view
+        .partitions()
+        .into_iter()
+        .map(|((topic, p), s)| json!({ "topic": topic, "partition": p, "next_offset": s.next, "high_watermark": s.high, "lag": (s.high - s.next).max(0) }))
+        .collect();
+    axum::Json(json!({
+        "ready": view.is_ready(),
+        "restore": { "done": restore.done, "total": restore.total, "events": restore.events, "seconds": restore.seconds },
+        "view": { "view_lsn": now.coverage.map(|c| c.lsn), "view_time": now.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)), "staleness_ms": now.staleness_ms },
+        "tables": tables,
+        "partitions": partitions,
+        "dead_letters": view.dead_letters.load(std::sync::atomic::Ordering::Relaxed),
+    }))
+    .into_response()
+}
+
+/// Fallback for unknown paths: a JSON 404.
+pub async fn not_found() -> Response {
+    ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see /v1/status").into_response()
+}

@@ -1,0 +1,333 @@
+//! The consumer against real Postgres, the real producer and a real broker.
+
+use std::time::Duration;
+
+use serde_json::{Value as Json, json};
+use walcache_common::dead_letter::{DeadLetter, Stage};
+use walcache_schemas::Lsn;
+use walcache_tests::consumer::TestConsumer;
+use walcache_tests::kafka::{produce, read_all};
+use walcache_tests::{Pipeline, TestDb, wait_for};
+
+async fn wait_view_matches_table(c: &TestConsumer, db: &TestDb) {
+    let mut diff = String::new();
+    let ok = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            let view = c.present_rows().await;
+            let table = db.contract_view().await;
+            if view == table {
+                return;
+            }
+            diff = format!("view {} rows, table {} rows", view.len(), table.len());
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(ok.is_ok(), "the view never matched the table: {diff}");
+}
+
+async fn commit_lsn(client: &tokio_postgres::Client) -> Lsn {
+    let text: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
+    text.parse().expect("lsn")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_appear_with_their_as_of_and_read_your_writes_works() {
+    let db = TestDb::create().await;
+    db.seed(1, 300).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let c = p.start_consumer("").await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    wait_view_matches_table(&c, &db).await;
+
+    // A snapshot row: present, as of the snapshot, with the view's watermark.
+    let (status, body) = c.row(7).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "present");
+    assert_eq!(body["value"]["courier_id"], 7);
+    assert_eq!(body["as_of"]["row_txid"], 0);
+    assert!(body["as_of"]["view_lsn"].is_string() && body["staleness_ms"].is_number(), "{body}");
+
+    // Read your writes: commit, take the LSN, ask for it.
+    let client = db.client().await;
+    client.execute("UPDATE courier_performance SET deliveries = 4242 WHERE courier_id = 7", &[]).await.expect("update");
+    let lsn = commit_lsn(&client).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/7?min_lsn={lsn}&wait_ms=5000")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["value"]["deliveries"], 4242, "min_lsn must return the committed value: {body}");
+    let row_lsn: Lsn = body["as_of"]["row_lsn"].as_str().expect("row lsn").parse().expect("lsn");
+    let view_lsn: Lsn = body["as_of"]["view_lsn"].as_str().expect("view lsn").parse().expect("lsn");
+    assert!(row_lsn < lsn && view_lsn >= lsn, "row {row_lsn}, view {view_lsn}, asked {lsn}");
+    let committed: String =
+        client.query_one("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD')", &[]).await.expect("date").get(0);
+    assert!(body["as_of"]["row_commit_time"].as_str().is_some_and(|t| t.starts_with(&committed)));
+
+    // Batch, with a delete among the keys.
+    client.execute("DELETE FROM courier_performance WHERE courier_id = 8", &[]).await.expect("delete");
+    let lsn = commit_lsn(&client).await;
+    let (status, body) = c
+        .post(
+            "/v1/tables/courier_performance/batch",
+            &json!({ "keys": [7, 8, 100000], "min_lsn": lsn.to_string(), "wait_ms": 5000 }),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let states: Vec<&str> =
+        body["results"].as_array().expect("results").iter().map(|r| r["state"].as_str().unwrap_or("")).collect();
+    assert_eq!(states, vec!["present", "deleted", "absent"]);
+    assert!(body["results"][1]["as_of"]["row_lsn"].is_string(), "a deleted key says when it was deleted");
+    let (status, body) = c.row(8).await;
+    assert_eq!((status, body["state"].as_str()), (404, Some("deleted")));
+
+    // Staleness: the producer's heartbeats keep the view fresh on an idle database.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (status, body) = c.get("/v1/tables/courier_performance/rows/7?max_staleness_ms=2000").await;
+    assert_eq!(status, 200, "heartbeats keep the view younger than 2s: {body}");
+
+    // A truncate empties the table in the view.
+    client.batch_execute("TRUNCATE courier_performance").await.expect("truncate");
+    let lsn = commit_lsn(&client).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/7?min_lsn={lsn}&wait_ms=5000")).await;
+    assert_eq!((status, body["state"].as_str()), (404, Some("absent")), "{body}");
+
+    // Metrics moved.
+    assert!(c.metrics.applied.with_label_values(&["courier_performance", "snapshot"]).get() >= 300);
+    assert!(c.metrics.commit_to_apply_seconds.get_sample_count() >= 2);
+    c.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_and_duplicates_leave_the_view_identical_and_a_restart_rebuilds_it() {
+    let db = TestDb::create().await;
+    db.seed(1, 40_000).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "UPDATE courier_performance SET deliveries = deliveries + 1 WHERE courier_id % 3 = 0;
+             DELETE FROM courier_performance WHERE courier_id % 11 = 0;
+             UPDATE courier_performance SET rating = 4.99 WHERE courier_id % 5 = 0;",
+        )
+        .await
+        .expect("changes");
+    let c = p.start_consumer("").await;
+    c.wait_ready(Duration::from_secs(60)).await;
+    wait_view_matches_table(&c, &db).await;
+    let before = c.export().await;
+
+    // Re-deliver a whole range of old events (and their tombstones) at the end of the topic.
+    let records = read_all(&p.kafka, &p.topic).await;
+    let replay: Vec<_> = records.iter().filter(|r| r.partition == 0).take(5_000).collect();
+    futures::future::join_all(replay.iter().map(|r| produce_with_header(&p.kafka, &p.topic, r))).await;
+    let target: i64 = walcache_tests::kafka::high_watermarks(&p.kafka, &p.topic).await.iter().map(|(_, h)| h).sum();
+    wait_for("the consumer to read the replay", Duration::from_secs(60), || async {
+        let (_, status) = c.get("/v1/status").await;
+        let read: i64 = status["partitions"]
+            .as_array()?
+            .iter()
+            .filter(|p| p["topic"] == json!(p_topic(&status)))
+            .map(|p| p["next_offset"].as_i64().unwrap_or(0))
+            .sum();
+        (read >= target).then_some(())
+    })
+    .await;
+    let after = c.export().await;
+    assert_eq!(before, after, "replayed events change nothing");
+    assert!(
+        c.metrics.ignored.with_label_values(&["courier_performance", "not_newer"]).get() >= replay.len() as u64 / 2
+    );
+    c.stop().await;
+
+    // A new instance rebuilds the same view; until it has, it answers 503 not_ready.
+    let again = p.start_consumer("").await;
+    let (status, body) = again.row(1).await;
+    if !again.running.view.is_ready() {
+        assert_eq!((status, body["error"].as_str()), (503, Some("not_ready")), "{body}");
+    }
+    again.wait_ready(Duration::from_secs(60)).await;
+    assert_eq!(again.export().await, before, "a restart rebuilds the same view from the compacted topic");
+
+    // A consumer with too little memory evicts, and says unknown rather than absent.
+    let small = p.start_consumer("[cache]\ncapacity = \"1MiB\"\npages = 4096\ndelete_retention = \"1h\"").await;
+    small.wait_ready(Duration::from_secs(60)).await;
+    small.running.view.tables[0].store.settle();
+    let (_, status) = small.get("/v1/status").await;
+    assert!(status["tables"][0]["evicted_rows"].as_i64().unwrap_or(0) > 0, "{status}");
+    let mut unknown = 0;
+    for key in (1..40_000).step_by(97) {
+        let (_, body) = small.row(key).await;
+        let state = body["state"].as_str().unwrap_or_default().to_string();
+        let exists = before.get(&key).is_some_and(|(s, _, _)| s == "present");
+        if exists {
+            assert_ne!(state, "absent", "key {key} exists: after evictions it may be unknown, never absent");
+        }
+        unknown += usize::from(state == "unknown");
+    }
+    assert!(unknown > 0, "some evicted keys read as unknown");
+    small.stop().await;
+    again.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+fn p_topic(status: &Json) -> String {
+    status["tables"][0]["topic"].as_str().unwrap_or_default().to_string()
+}
+
+async fn produce_with_header(kafka: &str, topic: &str, r: &walcache_tests::kafka::Record) {
+    use rdkafka::message::{Header, OwnedHeaders};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    thread_local! {
+        static PRODUCERS: std::cell::RefCell<std::collections::HashMap<String, FutureProducer>> = Default::default();
+    }
+    let producer = PRODUCERS.with(|p| {
+        p.borrow_mut()
+            .entry(kafka.to_string())
+            .or_insert_with(|| {
+                rdkafka::ClientConfig::new()
+                    .set("bootstrap.servers", kafka)
+                    .set("acks", "all")
+                    .create()
+                    .expect("producer")
+            })
+            .clone()
+    });
+    let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).partition(r.partition);
+    if let Some(k) = &r.key {
+        rec = rec.key(k);
+    }
+    if let Some(v) = &r.value {
+        rec = rec.payload(v);
+    }
+    if let Some(h) = &r.position_header {
+        rec = rec.headers(
+            OwnedHeaders::new().insert(Header { key: walcache_schemas::POSITION_HEADER, value: Some(&h[..]) }),
+        );
+    }
+    producer.send(rec, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("replay");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_and_unknown_schemas_are_dead_lettered_once_and_the_consumer_keeps_serving() {
+    let db = TestDb::create().await;
+    db.seed(1, 50).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let c = p.start_consumer("").await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    wait_view_matches_table(&c, &db).await;
+
+    let registry = walcache_schemas::Registry::builtin().expect("registry");
+    let contract = registry.contract("courier_performance").expect("contract");
+    let key5 = contract.key_message(&contract.key_from_text(&["5"]).expect("key"));
+    let records = read_all(&p.kafka, &p.topic).await;
+    let valid_for_6 = records
+        .iter()
+        .find(|r| {
+            r.value.is_some()
+                && r.key.as_deref().is_some_and(|k| {
+                    registry.decode_key(contract, k).ok() == Some(&contract.key_from_text(&["6"]).expect("key")[..])
+                })
+        })
+        .expect("key 6 on the topic");
+    let mut unknown = walcache_schemas::framing::header(0x0123_4567_89AB_CDEF).to_vec();
+    unknown.extend_from_slice(b"\x02\x00\x00");
+    produce(&p.kafka, &p.topic, Some(0), Some(&key5), Some(b"not avro at all")).await;
+    produce(&p.kafka, &p.topic, Some(0), Some(&key5), Some(&unknown)).await;
+    produce(&p.kafka, &p.topic, Some(valid_for_6.partition), Some(&key5), valid_for_6.value.as_deref()).await;
+    produce(&p.kafka, &p.topic, Some(1), None, valid_for_6.value.as_deref()).await;
+
+    let letters = wait_for("four consumer dead letters", Duration::from_secs(30), || async {
+        let l: Vec<DeadLetter> = read_all(&p.kafka, &p.dead_letter)
+            .await
+            .iter()
+            .filter_map(|r| serde_json::from_slice::<DeadLetter>(r.value.as_deref()?).ok())
+            .filter(|l| l.stage == Stage::Consumer)
+            .collect();
+        (l.len() >= 4).then_some(l)
+    })
+    .await;
+    let mut codes: Vec<&str> = letters.iter().map(|l| l.reason_code.as_str()).collect();
+    codes.sort_unstable();
+    assert_eq!(codes, vec!["key_mismatch", "missing_key", "not_single_object", "unknown_schema"]);
+    assert!(letters.iter().all(|l| l.origin.is_some() && l.raw_value_base64.is_some()));
+    assert_eq!(c.running.view.dead_letters.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert_eq!(c.metrics.dead_letters.with_label_values(&["unknown_schema"]).get(), 1);
+
+    // Still serving, still applying.
+    let client = db.client().await;
+    client.execute("UPDATE courier_performance SET deliveries = 777 WHERE courier_id = 5", &[]).await.expect("update");
+    let lsn = commit_lsn(&client).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/5?min_lsn={lsn}&wait_ms=5000")).await;
+    assert_eq!((status, body["value"]["deliveries"].as_i64()), (200, Some(777)), "{body}");
+    let (_, body) = c.row(6).await;
+    assert_eq!(body["value"]["courier_id"], 6, "the mismatched copy did not touch key 5 or 6");
+    c.stop().await;
+
+    // A restart reads the garbage again but does not report it twice.
+    let again = p.start_consumer("").await;
+    again.wait_ready(Duration::from_secs(30)).await;
+    assert_eq!(again.running.view.dead_letters.load(std::sync::atomic::Ordering::Relaxed), 4, "counted again");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = read_all(&p.kafka, &p.dead_letter)
+        .await
+        .iter()
+        .filter_map(|r| serde_json::from_slice::<DeadLetter>(r.value.as_deref()?).ok())
+        .filter(|l| l.stage == Stage::Consumer)
+        .count();
+    assert_eq!(total, 4, "published once per message, across restarts");
+    again.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_errors_are_json_4xx_and_the_token_is_required() {
+    let db = TestDb::create().await;
+    db.seed(1, 10).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let mut c = p.start_consumer("auth_token = \"s3cret-token\"").await;
+    c.wait_ready(Duration::from_secs(30)).await;
+
+    let (status, body) = c.row(1).await;
+    assert_eq!(status, 200, "with the token: {body}");
+    let token = c.token.take();
+    let (status, body) = c.row(1).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")));
+    c.token = Some("wrong".into());
+    assert_eq!(c.row(1).await.0, 401);
+    c.token = token;
+    let (status, _) = c.get("/healthz").await;
+    assert_eq!(status, 200, "probes need no token");
+
+    let cases: Vec<(u16, &str, (u16, Json))> = vec![
+        (400, "bad_key", c.get("/v1/tables/courier_performance/rows/not-a-number").await),
+        (404, "unknown_table", c.get("/v1/tables/drivers/rows/1").await),
+        (400, "bad_min_lsn", c.get("/v1/tables/courier_performance/rows/1?min_lsn=yesterday").await),
+        (400, "bad_query", c.get("/v1/tables/courier_performance/rows/1?colour=red").await),
+        (
+            413,
+            "batch_too_large",
+            c.post("/v1/tables/courier_performance/batch", &json!({ "keys": (0..101).collect::<Vec<_>>() })).await,
+        ),
+        (400, "bad_key", c.post("/v1/tables/courier_performance/batch", &json!({ "keys": [1, "x"] })).await),
+        (400, "bad_request", c.post("/v1/tables/courier_performance/batch", &json!({ "kees": [1] })).await),
+        (404, "not_found", c.get("/v2/whatever").await),
+    ];
+    for (want, code, (status, body)) in cases {
+        assert_eq!((status, body["error"].as_str()), (want, Some(code)), "{body}");
+        assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    }
+    let (status, body) = c.get("/v1/status").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["ready"], true);
+    assert!(body["partitions"].as_array().is_some_and(|p| p.len() == 4), "{body}");
+    c.stop().await;
+    producer.stop().await.expect("drain");
+}
