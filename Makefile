@@ -10,7 +10,7 @@ tools:
 	deploy/local/install-tools.sh
 
 build:
-	$(CARGO) build --workspace --bins
+	$(CARGO) build --workspace --bins --examples
 
 demo: tools build
 	$(CARGO) run --quiet -p walcache-tests --bin walcache-demo

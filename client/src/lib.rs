@@ -1,1 +1,26 @@
-//! placeholder
+//! walcache-client: read the cache from service code, and prove the switch on data.
+//!
+//! ```text
+//!  payment code ─► Fallback::get ─┬─ Client::get (near-cache, breaker, retries) ─► walcache-consumer
+//!                                 └─ your synchronous call, when the cache cannot answer
+//!  Experiment: control (old call) + candidates (cache), compared, classified, published
+//! ```
+//!
+//! - [`Client`]: typed reads with their [`AsOf`]; [`ReadOptions`] for read-your-writes
+//!   (`min_lsn`) and freshness (`max_staleness`).
+//! - [`Fallback`]: cache first, your function when the cache is unavailable, not ready, too
+//!   stale or unsure; every answer says which path gave it.
+//! - [`experiment`]: Scientist-style experiments with lag-aware classification.
+
+pub mod breaker;
+mod client;
+mod error;
+pub mod experiment;
+mod fallback;
+pub mod verify;
+
+pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
+pub use client::{AsOf, Client, ClientOptions, NearCacheOptions, Read, ReadOptions, RowState, current_lsn};
+pub use error::ClientError;
+pub use fallback::{Answer, Fallback, FallbackReason, Source};
+pub use walcache_schemas::{CourierPerformance, Lsn, TableContract, Tier};

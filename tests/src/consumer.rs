@@ -52,7 +52,13 @@ instance = "test-consumer"
 
     /// Starts a consumer on this pipeline's topics.
     pub async fn start_consumer(&self, extra: &str) -> TestConsumer {
-        let config: ConsumerConfig = toml::from_str(&self.consumer_toml(extra)).expect("consumer config parses");
+        self.start_consumer_on(0, extra).await
+    }
+
+    /// Starts a consumer listening on `port` (0: any).
+    pub async fn start_consumer_on(&self, port: u16, extra: &str) -> TestConsumer {
+        let toml = self.consumer_toml(extra).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));
+        let config: ConsumerConfig = toml::from_str(&toml).expect("consumer config parses");
         let token = config.auth_token().expect("token").map(|t| t.expose().to_string());
         let metrics = Metrics::new().expect("metrics");
         let running =

@@ -114,21 +114,30 @@ where
     }
 }
 
-/// Builds the workspace binaries once per test process (a no-op when they are fresh) and
-/// returns the path of `name`.
+/// Builds the workspace binaries and examples once per test process (a no-op when they are
+/// fresh) and returns the path of binary `name`.
 pub fn binary(name: &str) -> PathBuf {
+    built("debug", name)
+}
+
+/// The path of example `name` (built like [`binary`]).
+pub fn example(name: &str) -> PathBuf {
+    built("debug/examples", name)
+}
+
+fn built(dir: &str, name: &str) -> PathBuf {
     static BUILT: OnceLock<()> = OnceLock::new();
     BUILT.get_or_init(|| {
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = Command::new(cargo)
-            .args(["build", "--quiet", "--workspace", "--bins"])
+            .args(["build", "--quiet", "--workspace", "--bins", "--examples"])
             .current_dir(repo_root())
             .status()
             .expect("cargo runs");
         assert!(status.success(), "building the workspace binaries failed");
     });
     let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| repo_root().join("target"));
-    let path = target.join("debug").join(name);
+    let path = target.join(dir).join(name);
     assert!(path.exists(), "{} is missing after the build", path.display());
     path
 }

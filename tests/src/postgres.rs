@@ -166,6 +166,32 @@ impl TestDb {
         out
     }
 
+    /// One row as the old synchronous path would read it (None when absent or invalid).
+    pub async fn courier(&self, id: i64) -> Option<walcache_schemas::CourierPerformance> {
+        let registry = Registry::builtin().expect("registry");
+        let plan = &registry.contract("courier_performance").expect("contract").latest().row;
+        let select = plan.fields.iter().map(|f| format!("{}::text", f.name)).collect::<Vec<_>>().join(", ");
+        let client = self.client().await;
+        let rows = client
+            .simple_query(&format!(
+                "SET TimeZone = 'UTC'; SELECT {select} FROM courier_performance WHERE courier_id = {id}"
+            ))
+            .await
+            .expect("read row");
+        let row = rows.into_iter().find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r),
+            _ => None,
+        })?;
+        let mut buf = Vec::new();
+        for (i, field) in plan.fields.iter().enumerate() {
+            match row.get(i) {
+                Some(text) => field.write_text(&mut buf, text.as_bytes()).ok()?,
+                None => field.write_null(&mut buf).ok()?,
+            }
+        }
+        serde_json::from_value(Json::Object(plan.row_to_json(&buf).ok()?)).ok()
+    }
+
     pub async fn current_lsn(&self) -> Lsn {
         let text: String =
             self.client().await.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);

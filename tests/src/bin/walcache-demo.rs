@@ -2,8 +2,9 @@
 //!
 //! ```text
 //!  walcache-env up (.walcache/demo) ─► incentives DB: courier_performance, 5000 rows (a few legacy rows
-//!  break today's contract) ─► walcache-producer (the real daemon) ─► simulated Incentives writer
-//!  (updates, inserts, deletes, a few bad rows) ─► SIGTERM (drain) ─► summary decoded from Kafka
+//!  break today's contract) ─► walcache-producer ─► walcache-consumer ─► simulated Incentives writer
+//!  (updates, inserts, deletes, bad rows) beside the payments service running its experiment
+//!  ─► read your writes ─► SIGTERM (drain) ─► what reached Kafka ─► experiment summary ─► verify
 //! ```
 
 use std::collections::BTreeMap;
@@ -70,7 +71,46 @@ async fn main() -> Result<()> {
         log_path.display()
     );
 
-    println!("\n-- 4. simulated Incentives writer: 8 seconds of updates, inserts and deletes");
+    println!("\n-- 4. walcache-consumer: restore the view from the topics, then follow");
+    let api_port = free_port();
+    let consumer_path = dir.join("consumer.toml");
+    std::fs::write(
+        &consumer_path,
+        pipeline.consumer_toml("").replace("127.0.0.1:0", &format!("127.0.0.1:{api_port}")),
+    )?;
+    let mut consumer = Command::new(binary("walcache-consumer"))
+        .arg("--config")
+        .arg(&consumer_path)
+        .env("WALCACHE_LOG", "info,rdkafka=warn")
+        .stderr(std::fs::File::create(dir.join("consumer.log"))?)
+        .spawn()
+        .context("starting walcache-consumer")?;
+    let api = format!("127.0.0.1:{api_port}");
+    let started = Instant::now();
+    while !http_get(&api, "/readyz").await.is_some_and(|b| b.contains("\"ready\":true")) {
+        if started.elapsed() > Duration::from_secs(120) || consumer.try_wait()?.is_some() {
+            bail!("the consumer did not become ready; see {}", dir.join("consumer.log").display());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cli = binary("walcache");
+    let url = format!("http://{api}");
+    println!("   ready after {:.1}s; `walcache status`:", started.elapsed().as_secs_f64());
+    Command::new(&cli).args(["--url", &url, "status"]).status()?;
+    println!("   `walcache get courier_performance 42`:");
+    Command::new(&cli).args(["--url", &url, "get", "courier_performance", "42"]).status()?;
+
+    println!("\n-- 5. 8 seconds of Incentives writes; meanwhile Payments pays deliveries with an experiment:");
+    println!("      control = the old synchronous read from Postgres (its answer is used), candidate = the cache");
+    let pg_url = format!("postgres://postgres:{}@127.0.0.1:{}/{}", env.pg_password, env.pg_port, db.name);
+    let payments = Command::new(walcache_tests::example("payments"))
+        .args(["--postgres", &pg_url, "--cache", &url, "--seconds", "8", "--rate", "150"])
+        .args(["--summary-file"])
+        .arg(dir.join("payments-experiment.json"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("payments.log"))?)
+        .spawn()
+        .context("starting the payments example")?;
     let writer = Writer::start(&db, 5000, 100_000, Duration::from_millis(3)).await;
     for s in 1..=8 {
         tokio::time::sleep(Duration::from_secs(1)).await;
@@ -87,14 +127,28 @@ async fn main() -> Result<()> {
     }
     let committed = writer.stop().await;
     println!(" {} transactions committed (plus 2 that break the contract)", committed.len());
+    let payments = payments.wait_with_output()?;
+    let payments_report = String::from_utf8_lossy(&payments.stdout).into_owned();
 
-    println!("\n-- 5. SIGTERM: the producer flushes Kafka, confirms the slot and exits");
+    println!("\n-- 6. read your writes: update a courier, then ask the cache for that LSN");
+    client.execute("UPDATE courier_performance SET deliveries = 9999 WHERE courier_id = 42", &[]).await?;
+    let lsn: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    println!("   committed at or before LSN {lsn}; `walcache get courier_performance 42 --min-lsn {lsn}`:");
+    Command::new(&cli).args(["--url", &url, "get", "courier_performance", "42", "--min-lsn", &lsn]).status()?;
+
+    println!("\n-- 7. the experiment's summary (Payments decides the cut-over on this)");
+    print!("{payments_report}");
+
+    println!("\n-- 8. `walcache verify`: the view against a consistent snapshot of Postgres");
+    let verified = Command::new(&cli).args(["--url", &url, "verify", "--postgres", &pg_url]).status()?;
+
+    println!("\n-- 9. SIGTERM: the producer flushes Kafka, confirms the slot and exits");
     let stop = Instant::now();
     Command::new("kill").args(["-TERM", &producer.id().to_string()]).status()?;
     let status = producer.wait()?;
     println!("   {status} after {:.2}s", stop.elapsed().as_secs_f64());
 
-    println!("\n-- 6. what reached Kafka (decoded with the schemas crate)");
+    println!("\n-- 10. what reached Kafka (decoded with the schemas crate)");
     let records = read_all(&env.kafka, &pipeline.topic).await;
     let events = decode_all(&records);
     let mut by_op: BTreeMap<&str, usize> = BTreeMap::new();
@@ -159,9 +213,14 @@ async fn main() -> Result<()> {
             if wm.state == ProducerState::Streaming { "streaming" } else { "snapshotting" }
         );
     }
+    Command::new("kill").args(["-TERM", &consumer.id().to_string()]).status()?;
+    consumer.wait()?;
     println!("\nThe environment keeps running: deploy/local/walcache-env down --dir {}", dir.display());
     if !matches {
         bail!("the topic does not match the table");
+    }
+    if !verified.success() {
+        bail!("verify found drift");
     }
     Ok(())
 }

@@ -1,0 +1,459 @@
+//! Typed reads from the cache, resilient by default.
+//!
+//! ```text
+//!  get(key) ─► near-cache? ─► breaker permits? ─► HTTP GET (timeout) ─► retry transient errors
+//!                                                                       with jittered backoff
+//!  answer = state (present/deleted/absent/unknown) + value + as_of {row LSN/time, view LSN/time}
+//! ```
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::Value as Json;
+use walcache_schemas::{Lsn, TableContract};
+
+use crate::breaker::{BreakerConfig, CircuitBreaker, Permit};
+use crate::error::ClientError;
+
+/// Client settings.
+#[derive(Debug, Clone)]
+pub struct ClientOptions {
+    /// Per-attempt timeout.
+    pub timeout: Duration,
+    /// Extra attempts for transient errors.
+    pub retries: u32,
+    /// First backoff; doubles per attempt, with full jitter.
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    pub breaker: BreakerConfig,
+    /// A small in-process cache in front of the HTTP calls.
+    pub near_cache: Option<NearCacheOptions>,
+    /// Bearer token for the query API.
+    pub token: Option<String>,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            timeout: Duration::from_millis(500),
+            retries: 2,
+            backoff: Duration::from_millis(20),
+            max_backoff: Duration::from_millis(500),
+            breaker: BreakerConfig::default(),
+            near_cache: None,
+            token: None,
+        }
+    }
+}
+
+/// Near-cache settings: answers kept in process for `ttl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NearCacheOptions {
+    pub capacity: u64,
+    pub ttl: Duration,
+}
+
+/// Per-read consistency options.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReadOptions {
+    /// Read your writes: the view must cover this LSN (the near-cache is bypassed).
+    pub min_lsn: Option<Lsn>,
+    /// How long the server may wait for `min_lsn`.
+    pub wait: Option<Duration>,
+    /// Refuse answers from a view older than this.
+    pub max_staleness: Option<Duration>,
+    /// Overrides the client's per-attempt timeout.
+    pub timeout: Option<Duration>,
+}
+
+impl ReadOptions {
+    pub fn min_lsn(mut self, lsn: Lsn) -> Self {
+        self.min_lsn = Some(lsn);
+        self
+    }
+
+    pub fn wait(mut self, wait: Duration) -> Self {
+        self.wait = Some(wait);
+        self
+    }
+
+    pub fn max_staleness(mut self, max: Duration) -> Self {
+        self.max_staleness = Some(max);
+        self
+    }
+
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = Some(timeout);
+        self
+    }
+}
+
+/// What the view knows about a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RowState {
+    Present,
+    /// Deleted at `as_of.row_lsn`.
+    Deleted,
+    /// Never seen by a complete view.
+    Absent,
+    /// The view cannot vouch for the key (it may have been evicted).
+    Unknown,
+}
+
+/// As of when an answer is true.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AsOf {
+    /// Commit LSN of the change that wrote the row (or deleted it).
+    pub row_lsn: Option<Lsn>,
+    pub row_commit_time: Option<DateTime<Utc>>,
+    pub row_txid: Option<u64>,
+    /// The view is complete up to this LSN...
+    pub view_lsn: Option<Lsn>,
+    /// ...committed at this time.
+    pub view_time: Option<DateTime<Utc>>,
+}
+
+impl AsOf {
+    /// Now minus the view's time.
+    pub fn staleness(&self) -> Option<Duration> {
+        self.view_time.map(|t| (Utc::now() - t).to_std().unwrap_or_default())
+    }
+}
+
+/// One read.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Read<T> {
+    pub state: RowState,
+    pub value: Option<T>,
+    pub as_of: AsOf,
+    /// Served from the in-process near-cache.
+    pub from_near_cache: bool,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct WireAnswer {
+    state: String,
+    #[serde(default)]
+    value: Json,
+    as_of: WireAsOf,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct WireAsOf {
+    row_lsn: Option<Lsn>,
+    row_commit_time: Option<DateTime<Utc>>,
+    row_txid: Option<u64>,
+    view_lsn: Option<Lsn>,
+    view_time: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireBatch {
+    results: Vec<WireAnswer>,
+}
+
+#[derive(Debug, Deserialize)]
+struct WireError {
+    error: String,
+    message: String,
+}
+
+impl WireAnswer {
+    fn into_read<T: TableContract>(self, from_near_cache: bool) -> Result<Read<T>, ClientError> {
+        let state = match self.state.as_str() {
+            "present" => RowState::Present,
+            "deleted" => RowState::Deleted,
+            "absent" => RowState::Absent,
+            "unknown" => RowState::Unknown,
+            other => return Err(ClientError::Decode(format!("unknown state {other:?}"))),
+        };
+        let value = if state == RowState::Present {
+            Some(
+                serde_json::from_value(self.value)
+                    .map_err(|e| ClientError::Decode(format!("row of {}: {e}", T::CONTRACT)))?,
+            )
+        } else {
+            None
+        };
+        let a = self.as_of;
+        Ok(Read {
+            state,
+            value,
+            as_of: AsOf {
+                row_lsn: a.row_lsn,
+                row_commit_time: a.row_commit_time,
+                row_txid: a.row_txid,
+                view_lsn: a.view_lsn,
+                view_time: a.view_time,
+            },
+            from_near_cache,
+        })
+    }
+}
+
+type NearKey = (&'static str, String);
+
+/// A cache client. Cheap to clone; share one per process.
+#[derive(Clone)]
+pub struct Client {
+    http: reqwest::Client,
+    base: reqwest::Url,
+    options: ClientOptions,
+    breaker: Arc<CircuitBreaker>,
+    near: Option<moka::future::Cache<NearKey, Arc<WireAnswer>>>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("base", &self.base.as_str()).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A client of the consumer at `base_url` (`http://walcache-consumer:8080`).
+    ///
+    /// ```
+    /// use walcache_client::{Client, ClientOptions};
+    /// let client = Client::new("http://127.0.0.1:8080", ClientOptions::default()).expect("a valid URL");
+    /// # let _ = client;
+    /// ```
+    pub fn new(base_url: &str, options: ClientOptions) -> Result<Client, ClientError> {
+        let base = reqwest::Url::parse(base_url).map_err(|e| ClientError::Rejected {
+            status: 0,
+            code: "bad_url".into(),
+            message: format!("{base_url:?} is not a URL: {e}"),
+        })?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let near = options
+            .near_cache
+            .map(|n| moka::future::Cache::builder().max_capacity(n.capacity).time_to_live(n.ttl).build());
+        Ok(Client { http, base, breaker: Arc::new(CircuitBreaker::new(options.breaker)), options, near })
+    }
+
+    pub fn breaker(&self) -> &CircuitBreaker {
+        &self.breaker
+    }
+
+    /// Reads one row.
+    pub async fn get<T: TableContract>(&self, key: &T::Key, options: &ReadOptions) -> Result<Read<T>, ClientError> {
+        let key_json = serde_json::to_value(key).map_err(|e| ClientError::Decode(format!("key: {e}")))?;
+        let segment = match &key_json {
+            Json::String(s) => s.clone(),
+            Json::Number(n) => n.to_string(),
+            other => {
+                return Err(ClientError::Rejected {
+                    status: 0,
+                    code: "composite_key".into(),
+                    message: format!("key {other} is composite: use get_many"),
+                });
+            }
+        };
+        let near_key = (T::CONTRACT, segment.clone());
+        if options.min_lsn.is_none()
+            && let Some(near) = &self.near
+            && let Some(hit) = near.get(&near_key).await
+        {
+            let read = hit.as_ref().clone().into_read::<T>(true)?;
+            if options.max_staleness.is_none_or(|max| read.as_of.staleness().is_some_and(|s| s <= max)) {
+                return Ok(read);
+            }
+        }
+        let mut url = self.base.clone();
+        url.path_segments_mut().map_err(|_| ClientError::Decode("base URL cannot have a path".into()))?.extend([
+            "v1",
+            "tables",
+            T::CONTRACT,
+            "rows",
+            &segment,
+        ]);
+        append_options(&mut url, options);
+        let answer: WireAnswer = self.call(options, || self.http.get(url.clone())).await?;
+        if let Some(near) = &self.near
+            && answer.state != "unknown"
+        {
+            near.insert(near_key, Arc::new(answer.clone())).await;
+        }
+        answer.into_read(false)
+    }
+
+    /// Reads one row of any table as JSON (for tools that do not know the table's type):
+    /// the whole answer (state, value, as_of, staleness).
+    pub async fn get_json(&self, table: &str, key: &str, options: &ReadOptions) -> Result<Json, ClientError> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|_| ClientError::Decode("base URL cannot have a path".into()))?
+            .extend(["v1", "tables", table, "rows", key]);
+        append_options(&mut url, options);
+        self.call(options, || self.http.get(url.clone())).await
+    }
+
+    /// Reads many rows in one request (keys in order).
+    pub async fn get_many<T: TableContract>(
+        &self,
+        keys: &[T::Key],
+        options: &ReadOptions,
+    ) -> Result<Vec<Read<T>>, ClientError> {
+        let mut url = self.base.clone();
+        url.path_segments_mut().map_err(|_| ClientError::Decode("base URL cannot have a path".into()))?.extend([
+            "v1",
+            "tables",
+            T::CONTRACT,
+            "batch",
+        ]);
+        let body = serde_json::json!({
+            "keys": keys,
+            "min_lsn": options.min_lsn,
+            "wait_ms": options.wait.map(|w| w.as_millis() as u64),
+            "max_staleness_ms": options.max_staleness.map(|m| m.as_millis() as u64),
+        });
+        let batch: WireBatch = self.call(options, || self.http.post(url.clone()).json(&body)).await?;
+        batch.results.into_iter().map(|a| a.into_read(false)).collect()
+    }
+
+    /// The consumer's `/v1/status`.
+    pub async fn status(&self) -> Result<Json, ClientError> {
+        let mut url = self.base.clone();
+        url.set_path("/v1/status");
+        self.call(&ReadOptions::default(), || self.http.get(url.clone())).await
+    }
+
+    /// Streams a table's export (one JSON object per held key) into `visit`; returns the
+    /// header line (view LSN and time, whether anything was evicted).
+    pub async fn export(&self, table: &str, mut visit: impl FnMut(Json)) -> Result<Json, ClientError> {
+        use futures::StreamExt;
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|_| ClientError::Decode("base URL cannot have a path".into()))?
+            .extend(["v1", "tables", table, "export"]);
+        let response = self.authorized(self.http.get(url)).send().await.map_err(transport)?;
+        if !response.status().is_success() {
+            let status = response.status().as_u16();
+            let body = response.bytes().await.map_err(transport)?;
+            return Err(error_of(status, &body));
+        }
+        let mut stream = response.bytes_stream();
+        let mut pending = Vec::new();
+        let mut header = None;
+        while let Some(chunk) = stream.next().await {
+            pending.extend_from_slice(&chunk.map_err(transport)?);
+            while let Some(nl) = pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=nl).collect();
+                let value: Json = serde_json::from_slice(&line).map_err(|e| ClientError::Decode(e.to_string()))?;
+                if header.is_none() {
+                    header = Some(value);
+                } else {
+                    visit(value);
+                }
+            }
+        }
+        header.ok_or_else(|| ClientError::Decode("empty export".into()))
+    }
+
+    fn authorized(&self, request: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.options.token {
+            Some(t) => request.bearer_auth(t),
+            None => request,
+        }
+    }
+
+    /// One logical call: breaker, timeout, retries with jittered backoff.
+    async fn call<R: serde::de::DeserializeOwned>(
+        &self,
+        options: &ReadOptions,
+        request: impl Fn() -> reqwest::RequestBuilder,
+    ) -> Result<R, ClientError> {
+        let timeout = options.timeout.unwrap_or(self.options.timeout) + options.wait.unwrap_or_default();
+        let mut attempt = 0;
+        loop {
+            match self.breaker.acquire() {
+                Permit::Rejected(retry_in) => return Err(ClientError::CircuitOpen(retry_in)),
+                Permit::Allowed | Permit::Probe => {}
+            }
+            let started = Instant::now();
+            let result = match tokio::time::timeout(timeout, self.authorized(request()).send()).await {
+                Err(_) => Err(ClientError::Timeout(timeout)),
+                Ok(Err(e)) if e.is_timeout() => Err(ClientError::Timeout(timeout)),
+                Ok(Err(e)) => Err(transport(e)),
+                Ok(Ok(response)) => {
+                    match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), read_body(response)).await {
+                        Err(_) => Err(ClientError::Timeout(timeout)),
+                        Ok(r) => r,
+                    }
+                }
+            };
+            self.breaker.record(result.as_ref().err().is_none_or(|e| !e.is_failure()));
+            match result {
+                Err(e) if e.is_transient() && attempt < self.options.retries => {
+                    let cap = self.options.backoff.saturating_mul(1 << attempt.min(16)).min(self.options.max_backoff);
+                    let jitter = Duration::from_micros(rand::random::<u64>() % (cap.as_micros() as u64 + 1));
+                    tokio::time::sleep(jitter).await;
+                    attempt += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+}
+
+fn transport(e: reqwest::Error) -> ClientError {
+    ClientError::Transport(e.to_string())
+}
+
+/// Reads a response body: success, or a 404 that is an answer (absent, deleted, unknown),
+/// parses as `R`; anything else becomes the error the body names.
+async fn read_body<R: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<R, ClientError> {
+    let status = response.status().as_u16();
+    let bytes = response.bytes().await.map_err(transport)?;
+    if (200..300).contains(&status) {
+        return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()));
+    }
+    if status == 404
+        && let Ok(body) = serde_json::from_slice::<Json>(&bytes)
+        && body.get("state").is_some()
+    {
+        return serde_json::from_value(body).map_err(|e| ClientError::Decode(e.to_string()));
+    }
+    Err(error_of(status, &bytes))
+}
+
+fn error_of(status: u16, body: &[u8]) -> ClientError {
+    let err: WireError = serde_json::from_slice(body)
+        .unwrap_or(WireError { error: "unknown".into(), message: String::from_utf8_lossy(body).into_owned() });
+    match (status, err.error.as_str()) {
+        (503, "not_ready") => ClientError::NotReady(err.message),
+        (503, "too_stale") => ClientError::TooStale(err.message),
+        (503, "min_lsn_not_reached") => ClientError::MinLsnNotReached(err.message),
+        (500..=599, _) => ClientError::Server { status, message: err.message },
+        _ => ClientError::Rejected { status, code: err.error, message: err.message },
+    }
+}
+
+fn append_options(url: &mut reqwest::Url, options: &ReadOptions) {
+    let mut q = url.query_pairs_mut();
+    if let Some(lsn) = options.min_lsn {
+        q.append_pair("min_lsn", &lsn.to_string());
+    }
+    if let Some(w) = options.wait {
+        q.append_pair("wait_ms", &w.as_millis().to_string());
+    }
+    if let Some(m) = options.max_staleness {
+        q.append_pair("max_staleness_ms", &m.as_millis().to_string());
+    }
+    drop(q);
+    if url.query() == Some("") {
+        url.set_query(None);
+    }
+}
+
+/// The LSN to pass as `min_lsn` after your own write: the server's WAL position now, taken
+/// on the connection that committed (so it is at or past your commit).
+pub async fn current_lsn(client: &tokio_postgres::Client) -> Result<Lsn, tokio_postgres::Error> {
+    let text: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
+    Ok(text.parse().unwrap_or_default())
+}

@@ -1,0 +1,234 @@
+//! walcache-client against a real consumer: fallback and circuit breaker, staleness, verify
+//! and the operator CLI.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use walcache_client::verify::{Verdict, VerifyOptions, verify};
+use walcache_client::{
+    BreakerConfig, BreakerState, Client, ClientError, ClientOptions, CourierPerformance, Fallback, FallbackReason,
+    ReadOptions, Source,
+};
+use walcache_schemas::{Op, Position, Registry, now_micros, write_envelope};
+use walcache_tests::kafka::produce;
+use walcache_tests::{Pipeline, TestDb, binary, free_port, wait_for};
+
+fn client(base: &str) -> Client {
+    Client::new(
+        base,
+        ClientOptions {
+            timeout: Duration::from_millis(300),
+            retries: 1,
+            breaker: BreakerConfig { failure_threshold: 3, open_for: Duration::from_millis(300) },
+            ..ClientOptions::default()
+        },
+    )
+    .expect("client")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_answers_when_the_cache_is_down_and_the_breaker_opens_and_closes() {
+    let db = TestDb::create().await;
+    db.seed(1, 200).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let port = free_port();
+    let consumer = p.start_consumer_on(port, "").await;
+    consumer.wait_ready(Duration::from_secs(30)).await;
+
+    let fallbacks = Arc::new(AtomicUsize::new(0));
+    let (db2, counter) = (db.clone(), fallbacks.clone());
+    let reads = Fallback::<CourierPerformance, _>::new(client(&format!("http://127.0.0.1:{port}")), move |id: i64| {
+        let (db, counter) = (db2.clone(), counter.clone());
+        async move {
+            counter.fetch_add(1, Ordering::SeqCst);
+            Ok::<_, std::convert::Infallible>(db.courier(id).await)
+        }
+    });
+    let answer = reads.get(&7, &ReadOptions::default()).await.expect("answer");
+    assert_eq!(answer.source, Source::Cache);
+    assert_eq!(answer.value.as_ref().map(|c| c.courier_id), Some(7));
+    assert!(answer.as_of.is_some_and(|a| a.view_lsn.is_some()));
+    let absent = reads.get(&99_999, &ReadOptions::default()).await.expect("answer");
+    assert_eq!((absent.source, absent.value), (Source::Cache, None), "a definite absent needs no fallback");
+
+    // The cache goes away: answers come from the old call, and after three failed attempts
+    // (each read tries twice) the breaker opens.
+    consumer.stop().await;
+    let first = reads.get(&7, &ReadOptions::default()).await.expect("fallback answers");
+    assert_eq!((first.source, first.value.as_ref().map(|c| c.courier_id)), (Source::Fallback, Some(7)));
+    assert!(
+        matches!(first.reason, Some(FallbackReason::Cache(ClientError::Transport(_) | ClientError::Timeout(_)))),
+        "{:?}",
+        first.reason
+    );
+    // The second read's first attempt is the third failure: the breaker opens and its retry
+    // is refused without a request.
+    let second = reads.get(&7, &ReadOptions::default()).await.expect("fallback answers");
+    assert_eq!(second.source, Source::Fallback);
+    assert!(matches!(second.reason, Some(FallbackReason::Cache(ClientError::CircuitOpen(_)))), "{:?}", second.reason);
+    assert_eq!(reads.client().breaker().state(), BreakerState::Open);
+    let started = std::time::Instant::now();
+    let a = reads.get(&8, &ReadOptions::default()).await.expect("fallback answers");
+    assert!(matches!(a.reason, Some(FallbackReason::Cache(ClientError::CircuitOpen(_)))), "{:?}", a.reason);
+    assert!(started.elapsed() < Duration::from_millis(200), "an open circuit fails fast");
+    assert_eq!(fallbacks.load(Ordering::SeqCst), 3);
+
+    // It comes back: the half-open probe succeeds and the breaker closes.
+    let consumer = p.start_consumer_on(port, "").await;
+    consumer.wait_ready(Duration::from_secs(30)).await;
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let a = reads.get(&7, &ReadOptions::default()).await.expect("answer");
+    assert_eq!(a.source, Source::Cache);
+    assert_eq!(reads.client().breaker().state(), BreakerState::Closed);
+
+    // A view older than the caller accepts: the fallback answers.
+    producer.stop().await.expect("drain");
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let a = reads.get(&7, &ReadOptions::default().max_staleness(Duration::from_millis(500))).await.expect("answer");
+    assert_eq!(a.source, Source::Fallback);
+    assert!(matches!(a.reason, Some(FallbackReason::Cache(ClientError::TooStale(_)))), "{:?}", a.reason);
+    assert_eq!(reads.client().breaker().state(), BreakerState::Closed, "a stale view is not a failing cache");
+    consumer.stop().await;
+}
+
+async fn run_verify(db: &TestDb, base: &str, wait: Duration) -> walcache_client::verify::VerifyReport {
+    let mut pg = db.client().await;
+    verify(
+        &mut pg,
+        &client(base),
+        &VerifyOptions {
+            source_table: "public.courier_performance".into(),
+            table: "courier_performance".into(),
+            wait,
+            sample: 5,
+        },
+        |_, _| {},
+    )
+    .await
+    .expect("verify runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_stays_quiet_on_a_healthy_view_and_finds_injected_drift() {
+    let db = TestDb::create().await;
+    db.seed(1, 3_000).await;
+    db.client()
+        .await
+        .batch_execute("UPDATE courier_performance SET rating = NULL WHERE courier_id = 13")
+        .await
+        .expect("dirty");
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let consumer = p.start_consumer("").await;
+    consumer.wait_ready(Duration::from_secs(30)).await;
+
+    // Healthy, even with writes going on.
+    let writer = walcache_tests::writer::Writer::start(&db, 3_000, 10_000_000, Duration::from_millis(2)).await;
+    let report = run_verify(&db, &consumer.base, Duration::from_secs(30)).await;
+    writer.stop().await;
+    assert_eq!(report.verdict, Verdict::Healthy, "{report:#?}");
+    assert_eq!(report.contract_violations.count, 1);
+    assert_eq!(report.contract_violations.sample, vec![serde_json::json!(13)]);
+    assert!(report.matching > 2_900);
+
+    // Drift 1: a row removed from the view (a delete the source never made).
+    let registry = Registry::builtin().expect("registry");
+    let contract = registry.contract("courier_performance").expect("contract");
+    let key = contract.key_message(&contract.key_from_text(&["21"]).expect("key"));
+    let mut value = Vec::new();
+    let position =
+        Position { lsn: db.current_lsn().await, index: 0, txid: 3, commit_ts_micros: now_micros(), snapshot: false };
+    write_envelope(
+        &mut value,
+        &contract.latest().doc.header,
+        Op::Delete,
+        None,
+        None,
+        &position,
+        "public.courier_performance",
+    );
+    produce(&p.kafka, &p.topic, None, Some(&key), Some(&value)).await;
+    wait_for("the injected delete", Duration::from_secs(10), || async {
+        (consumer.row(21).await.1["state"] == "deleted").then_some(())
+    })
+    .await;
+    let report = run_verify(&db, &consumer.base, Duration::from_secs(30)).await;
+    assert_eq!(report.verdict, Verdict::Drift, "{report:#?}");
+    assert_eq!((report.missing.count, report.missing.sample.clone()), (1, vec![serde_json::json!(21)]));
+
+    // Drift 2: a change made behind a stopped pipeline, and skipped by advancing the slot.
+    producer.stop().await.expect("drain");
+    let client = db.client().await;
+    client
+        .execute("UPDATE courier_performance SET deliveries = 31337 WHERE courier_id = 22", &[])
+        .await
+        .expect("update");
+    // With the pipeline stopped the view cannot reach the snapshot: inconclusive, not drift.
+    let report = run_verify(&db, &consumer.base, Duration::from_millis(800)).await;
+    assert_eq!(report.verdict, Verdict::Inconclusive, "{report:#?}");
+    client
+        .execute("SELECT pg_replication_slot_advance($1, pg_current_wal_lsn())", &[&p.slot])
+        .await
+        .expect("advance the slot past the change");
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let report = run_verify(&db, &consumer.base, Duration::from_secs(30)).await;
+    assert_eq!(report.verdict, Verdict::Drift, "{report:#?}");
+    assert_eq!(report.different.sample, vec![serde_json::json!(22)]);
+    assert_eq!(report.missing.sample, vec![serde_json::json!(21)]);
+
+    // The CLI says the same with its exit code.
+    let out = std::process::Command::new(binary("walcache"))
+        .args(["--url", &consumer.base, "verify", "--postgres"])
+        .arg(format!("postgres://postgres:{}@127.0.0.1:{}/{}", db.env.pg_password, db.env.pg_port, db.name))
+        .output()
+        .expect("walcache verify");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("verdict: DRIFT") && stdout.contains("different: 1  e.g. 22"), "{stdout}");
+    consumer.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_answers_with_helpful_exit_codes() {
+    let db = TestDb::create().await;
+    db.seed(1, 20).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let consumer = p.start_consumer("").await;
+    consumer.wait_ready(Duration::from_secs(30)).await;
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(binary("walcache"))
+            .arg("--url")
+            .arg(&consumer.base)
+            .args(args)
+            .output()
+            .expect("cli");
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    let (code, out) = cli(&["get", "courier_performance", "5"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("courier_performance 5 is present") && out.contains("view complete to"), "{out}");
+    let (code, out) = cli(&["get", "courier_performance", "5000"]);
+    assert_eq!(code, Some(3), "{out}");
+    let (code, out) = cli(&["get", "drivers", "5"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("unknown_table"), "{out}");
+    let (code, out) = cli(&["--json", "status"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(serde_json::from_str::<serde_json::Value>(out.trim()).is_ok_and(|s| s["ready"] == true), "{out}");
+    let out = std::process::Command::new(binary("walcache"))
+        .args(["--url", &format!("http://127.0.0.1:{}", free_port()), "status"])
+        .output()
+        .expect("cli");
+    assert_eq!(out.status.code(), Some(5));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is walcache-consumer running"));
+    consumer.stop().await;
+    producer.stop().await.expect("drain");
+}
