@@ -103,15 +103,14 @@ impl Snapshot {
     }
 
     /// Whether a 32-bit xid (as pgoutput reports it; 0 for snapshot rows) is visible.
+    /// Like Postgres, 32-bit xids compare modulo 2^32: the xid is taken as the 64-bit one
+    /// nearest to the snapshot's xmax.
     fn sees(&self, xid32: u64) -> bool {
         if xid32 == 0 {
             return true;
         }
-        let epoch = self.xmax >> 32;
-        let mut full = (epoch << 32) | (xid32 & 0xFFFF_FFFF);
-        if full > self.xmax && epoch > 0 {
-            full -= 1 << 32;
-        }
+        let diff = (xid32 as u32).wrapping_sub(self.xmax as u32) as i32;
+        let full = self.xmax.wrapping_add_signed(i64::from(diff));
         full < self.xmin || (full < self.xmax && !self.in_progress.contains(&full))
     }
 }
@@ -281,9 +280,12 @@ mod tests {
         let s = Snapshot::parse("100:105:101,103").expect("parses");
         assert!(s.sees(0) && s.sees(99) && s.sees(102) && s.sees(104));
         assert!(!s.sees(101) && !s.sees(103) && !s.sees(105) && !s.sees(200));
-        // A later epoch: the 32-bit xid maps into the snapshot's epoch.
-        let s = Snapshot::parse(&format!("{}:{}:", (1u64 << 32) + 10, (1u64 << 32) + 20)).expect("parses");
-        assert!(s.sees(5) && !s.sees(15));
+        // A later epoch: 32-bit xids are read as the 64-bit xid nearest to xmax.
+        let s = Snapshot::parse(&format!("{}:{}:{}", (1u64 << 32) + 10, (1u64 << 32) + 20, (1u64 << 32) + 12))
+            .expect("parses");
+        assert!(s.sees(5) && s.sees(15), "committed before the snapshot");
+        assert!(!s.sees(12), "in progress at the snapshot");
+        assert!(!s.sees(22), "committed after the snapshot, even though 22 < 2^32");
         assert!(s.sees(0xFFFF_FFF0), "an xid from the previous epoch is old");
     }
 }
