@@ -27,8 +27,10 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
-bench: tools build
-	$(CARGO) run --release -p walcache-tests --bin walcache-bench
+# Figures against the brief's baselines, measured side by side in one run (docs/benchmarks.md).
+bench: tools
+	deploy/local/install-tools.sh redis
+	$(CARGO) run --release -p walcache-tests --bin walcache-bench -- $(BENCH_ARGS)
 
 env-up:
 	deploy/local/walcache-env up

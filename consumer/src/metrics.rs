@@ -45,7 +45,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let fast = vec![0.00001, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1];
-        let slow = vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+        // Fine below 100 ms: freshness targets live there.
+        let slow = vec![
+            0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0,
+            2.5, 5.0, 10.0,
+        ];
         let m = Metrics {
             applied: IntCounterVec::new(Opts::new(APPLIED_TOTAL, "Events that changed the view"), &["table", "op"])?,
             ignored: IntCounterVec::new(

@@ -37,6 +37,14 @@ install_sqlite3() {
     || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null; }
 }
 
+install_redis() {
+  # Only the benchmark uses it, as the read-throughput baseline.
+  command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null && return
+  log "installing redis-server (Debian package, the benchmark's read baseline)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null \
+    || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
+}
+
 install_tansu() {
   if [ -x "$TANSU_BIN" ]; then
     log "tansu: $TANSU_BIN"
@@ -56,7 +64,8 @@ install_tansu() {
 case "${1:-all}" in
   postgres) install_postgres ;;
   tansu) install_tansu ;;
+  redis) install_redis ;;
   all) install_postgres; install_sqlite3; install_tansu ;;
   path-tansu) echo "$TANSU_BIN" ;;
-  *) echo "usage: $0 [all|postgres|tansu|path-tansu]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|postgres|tansu|redis|path-tansu]" >&2; exit 2 ;;
 esac

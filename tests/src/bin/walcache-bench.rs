@@ -1,0 +1,684 @@
+//! `make bench`: walcache's throughput, freshness, read and memory figures, each measured
+//! side by side with the baseline the brief names, in one run on one fresh environment.
+//!
+//! ```text
+//!  drain      pg_recvlogical (pgoutput)        vs  the producer's decode+encode path, same WAL
+//!  produce    raw rdkafka 200 B, acks=all      vs  producer end to end (commit -> confirmed)
+//!  consume    raw rdkafka read of the topic    vs  consumer restore (to ready)
+//!  freshness  published Sequin / Debezium p99  vs  commit -> visible in the cache at 5k updates/s
+//!  read       tokio-postgres PK query, redis   vs  walcache-client get (HTTP; near-cache)
+//!  memory     moka, one entry per row          vs  the consumer's paged store, RSS per row
+//! ```
+//!
+//! Usage: walcache-bench [--rows N] [--events N] [--seconds S] [--skip drain,read,...]
+
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use walcache_producer::binding::{Binding, TableRuntime};
+use walcache_producer::config::TableSpec;
+use walcache_producer::pgoutput::{self, Change, Tuples};
+use walcache_schemas::{Lsn, Op, Position, Registry, write_envelope};
+use walcache_tests::{Env, Pipeline, TestDb, free_port, load_env, repo_root};
+
+struct Args {
+    rows: i64,
+    events: i64,
+    seconds: u64,
+    skip: Vec<String>,
+    child: Option<String>,
+}
+
+fn args() -> Args {
+    let mut a = Args { rows: 1_000_000, events: 200_000, seconds: 5, skip: Vec::new(), child: None };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        match flag.as_str() {
+            "--rows" => a.rows = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.rows),
+            "--events" => a.events = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.events),
+            "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.seconds),
+            "--skip" => a.skip = it.next().unwrap_or_default().split(',').map(str::to_string).collect(),
+            "--memory-child" => a.child = it.next(),
+            other => eprintln!("ignoring unknown argument {other}"),
+        }
+    }
+    a
+}
+
+/// One line of the report.
+struct Line {
+    what: String,
+    baseline: String,
+    ours: String,
+    ratio: Option<f64>,
+    target: String,
+    ok: Option<bool>,
+}
+
+fn rate(n: f64, d: Duration) -> f64 {
+    n / d.as_secs_f64().max(1e-9)
+}
+
+fn k(v: f64) -> String {
+    if v >= 1000.0 { format!("{:.1}k", v / 1000.0) } else { format!("{v:.0}") }
+}
+
+fn main() -> Result<()> {
+    let args = args();
+    if let Some(mode) = &args.child {
+        return memory_child(mode, args.rows);
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(run(args))
+}
+
+async fn run(args: Args) -> Result<()> {
+    let repo = repo_root();
+    let dir = repo.join(".walcache/bench");
+    let _ = Command::new(repo.join("deploy/local/walcache-env")).args(["destroy", "--dir"]).arg(&dir).output();
+    let env: &'static Env = Box::leak(Box::new(load_env(&repo, &dir, "up")));
+    println!(
+        "walcache-bench: {} CPUs, rows {}, events {}\n",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        args.rows,
+        args.events
+    );
+    let mut lines = Vec::new();
+    let on = |s: &str| !args.skip.iter().any(|x| x == s);
+    if on("drain") {
+        lines.extend(drain(env, args.rows).await?);
+    }
+    let pipeline = produce(env, args.events, &mut lines).await?;
+    let consumer = consume(&pipeline, &mut lines).await?;
+    if on("freshness") {
+        lines.push(freshness(&pipeline, &consumer).await?);
+    }
+    if on("read") {
+        lines.extend(read(&pipeline, &consumer, args.events, args.seconds).await?);
+    }
+    if on("memory") {
+        lines.extend(memory(args.rows)?);
+    }
+    println!("\n{:<40} {:<40} {:<40} {:>8} {:>10}", "measure", "baseline (same run)", "walcache", "ratio", "target");
+    for l in &lines {
+        println!(
+            "{:<40} {:<40} {:<40} {:>8} {:>10} {}",
+            l.what,
+            l.baseline,
+            l.ours,
+            l.ratio.map_or("-".into(), |r| format!("{r:.2}x")),
+            l.target,
+            match l.ok {
+                Some(true) => "ok",
+                Some(false) => "MISSED",
+                None => "",
+            }
+        );
+    }
+    let _ = Command::new(repo.join("deploy/local/walcache-env")).args(["destroy", "--dir"]).arg(&dir).output();
+    Ok(())
+}
+
+/// pg_recvlogical and the producer's decode path drain the same WAL (one big transaction).
+async fn drain(env: &'static Env, rows: i64) -> Result<Vec<Line>> {
+    println!("drain: inserting {rows} rows in one transaction ...");
+    let db = TestDb::create_named(env, "bench_drain").await;
+    let client = db.client().await;
+    client
+        .batch_execute(
+            "CREATE PUBLICATION bench FOR TABLE courier_performance;
+             SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput');
+             SELECT pg_create_logical_replication_slot('bench_ours', 'pgoutput');",
+        )
+        .await?;
+    db.seed(1, rows).await;
+    let end = db.current_lsn().await;
+
+    let pg_bin = std::fs::read_to_string(env.dir.join("env"))?
+        .lines()
+        .find_map(|l| l.strip_prefix("export WALCACHE_LOCAL_PG_BIN=").map(|v| v.trim_matches('\'').to_string()))
+        .unwrap_or_else(|| "/usr/bin".into());
+    let started = Instant::now();
+    let status = Command::new(format!("{pg_bin}/pg_recvlogical"))
+        .args(["-h", "127.0.0.1", "-p", &env.pg_port.to_string(), "-U", "postgres", "-d", &db.name])
+        .args(["--slot", "bench_recv", "--start", "-o", "proto_version=1", "-o", "publication_names=bench"])
+        .args(["--endpos", &end.to_string(), "-f", "/dev/null", "--no-loop"])
+        .env("PGPASSWORD", &env.pg_password)
+        .status()?;
+    let recv = started.elapsed();
+    if !status.success() {
+        bail!("pg_recvlogical failed");
+    }
+
+    let registry = Registry::builtin()?;
+    let contract = registry.contract("courier_performance")?;
+    let table = Arc::new(
+        TableRuntime::new(
+            0,
+            TableSpec {
+                schema: "public".into(),
+                name: "courier_performance".into(),
+                topic: "unused".into(),
+                contract,
+                version: contract.latest().version,
+            },
+        )
+        .context("table")?,
+    );
+    let config = pgwire_replication::ReplicationConfig::new(
+        "127.0.0.1",
+        "postgres",
+        env.pg_password.clone(),
+        db.name.clone(),
+        "bench_ours",
+        "bench",
+    )
+    .with_port(env.pg_port)
+    .with_stop_lsn(pgwire_replication::Lsn::from_u64(end.0))
+    .with_options("-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3");
+    let started = Instant::now();
+    let mut repl = pgwire_replication::ReplicationClient::connect(config).await?;
+    let (mut tuples, mut binding, mut events) = (Tuples::default(), None, 0u64);
+    let (mut key, mut row, mut message) = (Vec::new(), Vec::new(), Vec::new());
+    let mut position = Position::default();
+    while let Some(ev) = repl.recv().await? {
+        match ev {
+            pgwire_replication::ReplicationEvent::XLogData { data, .. } => {
+                match pgoutput::decode(&data, &mut tuples)? {
+                    Change::Relation(r) => binding = Some(Binding::new(Arc::clone(&table), r).0),
+                    Change::Insert { .. } => {
+                        let b = binding.as_ref().context("relation first")?;
+                        if b.encode_key(&data, &tuples.new, &mut key).is_ok()
+                            && b.encode_row(&data, &tuples.new, None, &mut row).is_ok()
+                        {
+                            message.clear();
+                            write_envelope(
+                                &mut message,
+                                &table.version.doc.header,
+                                Op::Insert,
+                                None,
+                                Some(&row),
+                                &position,
+                                &table.qualified,
+                            );
+                            position.index += 1;
+                            events += 1;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            pgwire_replication::ReplicationEvent::StoppedAt { .. } => break,
+            _ => {}
+        }
+    }
+    let ours = started.elapsed();
+    drop(repl);
+    let (r, o) = (rate(rows as f64, recv), rate(events as f64, ours));
+    println!(
+        "drain: pg_recvlogical {:.2}s, producer decode {:.2}s ({events} events)",
+        recv.as_secs_f64(),
+        ours.as_secs_f64()
+    );
+    Ok(vec![Line {
+        what: format!("slot drain ({}-row tx), events/s", k(rows as f64)),
+        baseline: format!("pg_recvlogical {}/s", k(r)),
+        ours: format!("producer decode+encode {}/s", k(o)),
+        ratio: Some(o / r),
+        target: ">= 0.8x".into(),
+        ok: Some(o / r >= 0.8),
+    }])
+}
+
+/// Raw produce of 200-byte messages vs the producer end to end on the same broker.
+async fn produce(env: &'static Env, events: i64, lines: &mut Vec<Line>) -> Result<Pipeline> {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = "bench.raw";
+    let kafka = walcache_common::config::KafkaConfig {
+        bootstrap_servers: env.kafka.clone(),
+        properties: Default::default(),
+        property_files: Default::default(),
+        request_timeout: Duration::from_secs(10),
+    };
+    let metadata = walcache_common::kafka::Metadata::new(&kafka, "bench")?;
+    walcache_common::kafka::ensure_topics(
+        &kafka,
+        &metadata,
+        &[walcache_common::kafka::TopicSpec {
+            name: topic.into(),
+            partitions: 6,
+            replication_factor: 1,
+            configs: vec![],
+        }],
+    )
+    .await?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .set("queue.buffering.max.messages", "1000000")
+        .create()?;
+    let payload = [b'x'; 200];
+    let started = Instant::now();
+    let mut futures = Vec::with_capacity(events as usize);
+    for i in 0..events {
+        let key = i.to_be_bytes();
+        let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(&key[..]).payload(&payload[..]);
+        match producer.send_result(record) {
+            Ok(f) => futures.push(f),
+            Err((e, _)) => bail!("raw produce: {e}"),
+        }
+    }
+    for f in futures {
+        f.await?.map_err(|(e, _)| e)?;
+    }
+    let raw = rate(events as f64, started.elapsed());
+    println!("produce: raw rdkafka {}/s", k(raw));
+
+    let db = TestDb::create_named(env, "bench_produce").await;
+    let p = Pipeline::named(&db, &env.kafka, "bench_produce", "bench");
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let client = db.client().await;
+    let started = Instant::now();
+    db.seed(1, events).await;
+    let end = db.current_lsn().await;
+    let committed = Instant::now();
+    while (producer.metrics.confirmed_lsn.get() as u64) < end.0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let elapsed = started.elapsed();
+    let ours = rate(events as f64, elapsed);
+    let bytes = producer.metrics.bytes.with_label_values(&["public.courier_performance"]).get() as f64 / events as f64;
+    println!(
+        "produce: producer end to end {}/s ({:.2}s from the insert, {:.2}s after commit, {:.0} B/event)",
+        k(ours),
+        elapsed.as_secs_f64(),
+        committed.elapsed().as_secs_f64(),
+        bytes
+    );
+    lines.push(Line {
+        what: "produce to the broker, messages/s".into(),
+        baseline: format!("raw rdkafka 200 B acks=all {}/s", k(raw)),
+        ours: format!("producer WAL->acked {}/s ({bytes:.0} B)", k(ours)),
+        ratio: Some(ours / raw),
+        target: ">= 0.7x".into(),
+        ok: Some(ours / raw >= 0.7),
+    });
+    drop(client);
+    std::mem::forget(producer);
+    Ok(p)
+}
+
+/// Raw consume of the table topic vs the consumer's restore.
+async fn consume(p: &Pipeline, lines: &mut Vec<Line>) -> Result<walcache_tests::consumer::TestConsumer> {
+    let started = Instant::now();
+    let records = walcache_tests::kafka::read_all(&p.kafka, &p.topic).await;
+    let raw = rate(records.len() as f64, started.elapsed());
+    println!("consume: raw rdkafka read of {} messages {}/s", records.len(), k(raw));
+    let started = Instant::now();
+    let consumer = p.start_consumer("").await;
+    consumer.wait_ready(Duration::from_secs(300)).await;
+    let restore = consumer.running.view.restore();
+    let ours = rate(restore.events as f64, started.elapsed());
+    println!("consume: consumer restore of {} events {}/s", restore.events, k(ours));
+    lines.push(Line {
+        what: "consume / restore, messages/s".into(),
+        baseline: format!("raw rdkafka consume {}/s", k(raw)),
+        ours: format!("consumer restore {}/s", k(ours)),
+        ratio: Some(ours / raw),
+        target: ">= 0.8x".into(),
+        ok: Some(ours / raw >= 0.8),
+    });
+    Ok(consumer)
+}
+
+/// Quantile from a Prometheus histogram, interpolated within its bucket.
+fn quantile(h: &prometheus::Histogram, q: f64) -> f64 {
+    use prometheus::core::Collector;
+    let families = h.collect();
+    let Some(m) = families.first().and_then(|f| f.get_metric().first()) else { return f64::NAN };
+    let hist = m.get_histogram();
+    let total = hist.get_sample_count() as f64;
+    let target = q * total;
+    let mut prev_bound = 0.0;
+    let mut prev_count = 0.0;
+    for b in hist.get_bucket() {
+        let count = b.cumulative_count() as f64;
+        if count >= target {
+            let within = if count > prev_count { (target - prev_count) / (count - prev_count) } else { 0.0 };
+            return prev_bound + within * (b.upper_bound() - prev_bound);
+        }
+        prev_bound = b.upper_bound();
+        prev_count = count;
+    }
+    f64::INFINITY
+}
+
+/// Commit -> visible in the cache, with 5k row updates per second.
+async fn freshness(p: &Pipeline, consumer: &walcache_tests::consumer::TestConsumer) -> Result<Line> {
+    let before = consumer.metrics.commit_to_apply_seconds.get_sample_count();
+    let stop = Arc::new(AtomicBool::new(false));
+    let updated = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for w in 0..4 {
+        let (db, stop, updated) = (p.db.clone(), stop.clone(), updated.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = db.client().await;
+            let stmt = client
+                .prepare("UPDATE courier_performance SET deliveries = deliveries + 1 WHERE courier_id = ANY($1)")
+                .await
+                .expect("prepare");
+            // 4 writers x 125 transactions/s x 10 rows = 5k row updates/s.
+            let mut tick = tokio::time::interval(Duration::from_millis(8));
+            let mut n: i64 = w;
+            while !stop.load(Ordering::Relaxed) {
+                tick.tick().await;
+                let ids: Vec<i64> = (0..10).map(|i| 1 + (n * 10 + i) % 100_000).collect();
+                n += 4;
+                if client.execute(&stmt, &[&ids]).await.is_ok() {
+                    updated.fetch_add(10, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let seconds = 15;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let h = &consumer.metrics.commit_to_apply_seconds;
+    let samples = h.get_sample_count() - before;
+    let (p50, p99) = (quantile(h, 0.5) * 1000.0, quantile(h, 0.99) * 1000.0);
+    let achieved = updated.load(Ordering::Relaxed) as f64 / seconds as f64;
+    println!("freshness: {samples} changes at {}/s: commit->visible p50 {p50:.1} ms, p99 {p99:.1} ms", k(achieved));
+    Ok(Line {
+        what: format!("commit -> cache visible at {}/s", k(achieved)),
+        baseline: "published p99: Sequin 253 ms, Debezium 440 ms".into(),
+        ours: format!("p50 {p50:.1} ms, p99 {p99:.1} ms"),
+        ratio: Some(253.0 / p99),
+        target: "p99 <= 50ms".into(),
+        ok: Some(p99 <= 50.0),
+    })
+}
+
+struct LoadResult {
+    per_sec: f64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+async fn load<F, Fut>(seconds: u64, concurrency: usize, make: F) -> LoadResult
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Vec<Duration>> + Send + 'static,
+{
+    let handles: Vec<_> = (0..concurrency).map(|i| tokio::spawn(make(i))).collect();
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.unwrap_or_default());
+    }
+    all.sort_unstable();
+    let q = |p: f64| all.get(((all.len().max(1) - 1) as f64 * p) as usize).map_or(0.0, |d| d.as_secs_f64() * 1e6);
+    LoadResult { per_sec: all.len() as f64 / seconds as f64, p50_us: q(0.5), p99_us: q(0.99) }
+}
+
+/// Reads at concurrency 16: a PK query through tokio-postgres, the cache over HTTP, the cache
+/// with the client's near-cache, and redis GET (when redis-benchmark is installed).
+async fn read(
+    p: &Pipeline,
+    consumer: &walcache_tests::consumer::TestConsumer,
+    keys: i64,
+    seconds: u64,
+) -> Result<Vec<Line>> {
+    const C: usize = 16;
+    let deadline = move || Instant::now() + Duration::from_secs(seconds);
+    let key = move || 1 + (rand::random::<u64>() % keys as u64) as i64;
+
+    let pg = {
+        let db = p.db.clone();
+        let until = deadline();
+        load(seconds, C, move |_| {
+            let db = db.clone();
+            async move {
+                let client = db.client().await;
+                let stmt = client
+                    .prepare("SELECT courier_id, city, zone, tier, rating::text, deliveries, on_time_rate, acceptance_rate, cancellations, active, notes, updated_at::text FROM courier_performance WHERE courier_id = $1")
+                    .await
+                    .expect("prepare");
+                let mut out = Vec::new();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    let _ = client.query_opt(&stmt, &[&key()]).await;
+                    out.push(t.elapsed());
+                }
+                out
+            }
+        })
+        .await
+    };
+    println!("read: postgres PK query {}/s, p50 {:.0} us, p99 {:.0} us", k(pg.per_sec), pg.p50_us, pg.p99_us);
+
+    let mut results = Vec::new();
+    for (label, near) in [
+        ("HTTP", None),
+        ("near-cache 1s", Some(walcache_client::NearCacheOptions { capacity: 200_000, ttl: Duration::from_secs(1) })),
+    ] {
+        let client = walcache_client::Client::new(
+            &consumer.base,
+            walcache_client::ClientOptions { near_cache: near, ..Default::default() },
+        )?;
+        let until = deadline();
+        let r = load(seconds, C, move |_| {
+            let client = client.clone();
+            async move {
+                let mut out = Vec::new();
+                let options = walcache_client::ReadOptions::default();
+                while Instant::now() < until {
+                    let t = Instant::now();
+                    let _ = client.get::<walcache_schemas::CourierPerformance>(&key(), &options).await;
+                    out.push(t.elapsed());
+                }
+                out
+            }
+        })
+        .await;
+        println!(
+            "read: walcache-client get ({label}) {}/s, p50 {:.0} us, p99 {:.0} us",
+            k(r.per_sec),
+            r.p50_us,
+            r.p99_us
+        );
+        results.push((label, r));
+    }
+    let mut lines = Vec::new();
+    for (label, r) in &results {
+        let speedup = pg.p50_us / r.p50_us.max(0.001);
+        lines.push(Line {
+            what: format!("get p50 latency, c=16 ({label})"),
+            baseline: format!("tokio-postgres PK query {:.0} us", pg.p50_us),
+            ours: format!("{:.0} us (p99 {:.0} us, {}/s)", r.p50_us, r.p99_us, k(r.per_sec)),
+            ratio: Some(speedup),
+            target: ">= 10x".into(),
+            ok: Some(speedup >= 10.0),
+        });
+    }
+    match redis_get_rate(keys) {
+        Some(redis) => {
+            for (label, r) in &results {
+                lines.push(Line {
+                    what: format!("get throughput, c=16 ({label})"),
+                    baseline: format!("redis GET (redis-benchmark) {}/s", k(redis)),
+                    ours: format!("{}/s", k(r.per_sec)),
+                    ratio: Some(r.per_sec / redis),
+                    target: ">= 0.7x".into(),
+                    ok: Some(r.per_sec / redis >= 0.7),
+                });
+            }
+        }
+        None => lines.push(Line {
+            what: "get throughput vs redis".into(),
+            baseline: "redis-server not installed".into(),
+            ours: "-".into(),
+            ratio: None,
+            target: ">= 0.7x".into(),
+            ok: None,
+        }),
+    }
+    Ok(lines)
+}
+
+/// redis GET requests/s at concurrency 16 (redis-benchmark), or None without redis.
+fn redis_get_rate(keys: i64) -> Option<f64> {
+    let server = which("redis-server")?;
+    let bench = which("redis-benchmark")?;
+    let port = free_port().to_string();
+    let mut child = Command::new(server)
+        .args(["--port", &port, "--save", "", "--appendonly", "no", "--bind", "127.0.0.1"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    std::thread::sleep(Duration::from_millis(300));
+    let run = |test: &str| {
+        Command::new(&bench)
+            .args([
+                "-p",
+                &port,
+                "-t",
+                test,
+                "-n",
+                "300000",
+                "-c",
+                "16",
+                "-r",
+                &keys.to_string(),
+                "-d",
+                "180",
+                "--csv",
+                "-q",
+            ])
+            .output()
+            .ok()
+    };
+    run("set");
+    let out = run("get");
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = String::from_utf8_lossy(&out?.stdout).into_owned();
+    let line = text.lines().find(|l| l.contains("GET"))?;
+    line.split(',').nth(1)?.trim_matches('"').parse().ok()
+}
+
+fn which(name: &str) -> Option<String> {
+    let out = Command::new("sh").args(["-c", &format!("command -v {name}")]).output().ok()?;
+    out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// RSS per row: measured in a fresh child process per store, so allocations do not mix.
+fn memory(rows: i64) -> Result<Vec<Line>> {
+    let me = std::env::current_exe()?;
+    let measure = |mode: &str| -> Result<f64> {
+        let out = Command::new(&me).args(["--memory-child", mode, "--rows", &rows.to_string()]).output()?;
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.trim().parse().with_context(|| format!("memory child said {text:?}"))
+    };
+    let paged = measure("paged")?;
+    let naive = measure("moka-per-row")?;
+    println!("memory: paged store {paged:.0} B/row, moka one entry per row {naive:.0} B/row");
+    Ok(vec![Line {
+        what: format!("RSS per cached row at {} rows", k(rows as f64)),
+        baseline: format!("moka, one entry per row: {naive:.0} B"),
+        ours: format!("consumer store: {paged:.0} B"),
+        ratio: Some(paged / naive),
+        target: "<= 250 B".into(),
+        ok: Some(paged <= 250.0),
+    }])
+}
+
+fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmRSS:")).and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+fn memory_child(mode: &str, rows: i64) -> Result<()> {
+    let registry = Registry::builtin()?;
+    let contract = registry.contract("courier_performance")?;
+    let plan = &contract.latest().row;
+    let row_of = |g: i64, buf: &mut Vec<u8>| {
+        buf.clear();
+        let texts: Vec<Option<String>> = vec![
+            Some(g.to_string()),
+            Some(["Lisbon", "Porto", "Braga"][(g % 3) as usize].into()),
+            Some(format!("z{}", g % 7)),
+            Some(["bronze", "silver", "gold", "platinum"][(g % 4) as usize].into()),
+            Some(format!("{}.{:02}", 3 + (g % 200) / 100, (g % 200) % 100)),
+            Some((g % 500).to_string()),
+            Some(format!("0.{}", 80 + g % 20)),
+            (g % 2 == 0).then(|| "0.5".to_string()),
+            Some("0".into()),
+            Some("t".into()),
+            (g % 5 == 0).then(|| format!("note {g}")),
+            Some("2026-11-22 03:47:00.123456+00".into()),
+        ];
+        for (f, t) in plan.fields.iter().zip(&texts) {
+            let _ = match t {
+                Some(t) => f.write_text(buf, t.as_bytes()),
+                None => f.write_null(buf),
+            };
+        }
+    };
+    let base = rss_bytes();
+    let mut buf = Vec::with_capacity(256);
+    let position = |g: i64| Position {
+        lsn: Lsn(1_000_000 + g as u64),
+        index: 0,
+        txid: 1000 + g as u64,
+        commit_ts_micros: 1_795_000_000_000_000,
+        snapshot: false,
+    };
+    let used = match mode {
+        "paged" => {
+            let store = walcache_consumer::store::TableStore::new(8 << 30, 65_536, Duration::from_secs(86_400));
+            for g in 1..=rows {
+                row_of(g, &mut buf);
+                let key = contract.key_from_text(&[&g.to_string()]).map_err(|e| anyhow::anyhow!("{e}"))?;
+                store.apply(&key, &position(g), Some(&buf), 0);
+            }
+            store.settle();
+            let used = rss_bytes() - base;
+            std::hint::black_box(&store);
+            used
+        }
+        _ => {
+            type Entry = Arc<(Position, Box<[u8]>)>;
+            #[allow(clippy::borrowed_box)] // moka's weigher takes &K, and K is Box<[u8]>
+            fn weigh(key: &Box<[u8]>, entry: &Entry) -> u32 {
+                (key.len() + entry.1.len() + 64) as u32
+            }
+            let cache: moka::sync::Cache<Box<[u8]>, Entry> =
+                moka::sync::Cache::builder().max_capacity(8 << 30).weigher(weigh).build();
+            for g in 1..=rows {
+                row_of(g, &mut buf);
+                let key = contract.key_from_text(&[&g.to_string()]).map_err(|e| anyhow::anyhow!("{e}"))?;
+                cache.insert(key.into_boxed_slice(), Arc::new((position(g), buf.clone().into_boxed_slice())));
+            }
+            cache.run_pending_tasks();
+            let used = rss_bytes() - base;
+            std::hint::black_box(&cache);
+            used
+        }
+    };
+    println!("{:.1}", used as f64 / rows as f64);
+    Ok(())
+}
