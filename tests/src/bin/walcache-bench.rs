@@ -5,7 +5,7 @@
 //!  drain      pg_recvlogical (pgoutput)        vs  the producer's decode+encode path, same WAL
 //!  produce    raw rdkafka 200 B, acks=all      vs  producer end to end (commit -> confirmed)
 //!  consume    raw rdkafka read of the topic    vs  consumer restore (to ready)
-//!  freshness  published Sequin / Debezium p99  vs  commit -> visible in the cache at 5k updates/s
+//!  freshness  raw produce->consume latency     vs  commit -> visible in the cache at 5k updates/s (Sequin/Debezium published p99 in docs)
 //!  read       tokio-postgres PK query, redis   vs  walcache-client get (HTTP; near-cache)
 //!  memory     moka, one entry per row          vs  the consumer's paged store, RSS per row
 //! ```
@@ -91,10 +91,11 @@ async fn run(args: Args) -> Result<()> {
     if on("drain") {
         lines.extend(drain(env, args.rows).await?);
     }
-    let pipeline = produce(env, args.events, &mut lines).await?;
+    let (pipeline, producer) = produce(env, args.events, &mut lines).await?;
     let consumer = consume(&pipeline, &mut lines).await?;
     if on("freshness") {
-        lines.push(freshness(&pipeline, &consumer).await?);
+        let raw = raw_freshness(env).await?;
+        lines.push(freshness(&pipeline, &producer, &consumer, raw, args.events).await?);
     }
     if on("read") {
         lines.extend(read(&pipeline, &consumer, args.events, args.seconds).await?);
@@ -102,10 +103,10 @@ async fn run(args: Args) -> Result<()> {
     if on("memory") {
         lines.extend(memory(args.rows)?);
     }
-    println!("\n{:<40} {:<40} {:<40} {:>8} {:>10}", "measure", "baseline (same run)", "walcache", "ratio", "target");
+    println!("\n{:<52} {:<48} {:<44} {:>8} {:>10}", "measure", "baseline (same run)", "walcache", "ratio", "target");
     for l in &lines {
         println!(
-            "{:<40} {:<40} {:<40} {:>8} {:>10} {}",
+            "{:<52} {:<48} {:<44} {:>8} {:>10} {}",
             l.what,
             l.baseline,
             l.ours,
@@ -127,13 +128,14 @@ async fn drain(env: &'static Env, rows: i64) -> Result<Vec<Line>> {
     println!("drain: inserting {rows} rows in one transaction ...");
     let db = TestDb::create_named(env, "bench_drain").await;
     let client = db.client().await;
-    client
-        .batch_execute(
-            "CREATE PUBLICATION bench FOR TABLE courier_performance;
-             SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput');
-             SELECT pg_create_logical_replication_slot('bench_ours', 'pgoutput');",
-        )
-        .await?;
+    // One statement per call: a slot cannot be created in a transaction that has written.
+    for sql in [
+        "CREATE PUBLICATION bench FOR TABLE courier_performance",
+        "SELECT pg_create_logical_replication_slot('bench_recv', 'pgoutput')",
+        "SELECT pg_create_logical_replication_slot('bench_ours', 'pgoutput')",
+    ] {
+        client.batch_execute(sql).await?;
+    }
     db.seed(1, rows).await;
     let end = db.current_lsn().await;
 
@@ -234,7 +236,11 @@ async fn drain(env: &'static Env, rows: i64) -> Result<Vec<Line>> {
 }
 
 /// Raw produce of 200-byte messages vs the producer end to end on the same broker.
-async fn produce(env: &'static Env, events: i64, lines: &mut Vec<Line>) -> Result<Pipeline> {
+async fn produce(
+    env: &'static Env,
+    events: i64,
+    lines: &mut Vec<Line>,
+) -> Result<(Pipeline, walcache_tests::InProcess)> {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let topic = "bench.raw";
     let kafka = walcache_common::config::KafkaConfig {
@@ -310,8 +316,7 @@ async fn produce(env: &'static Env, events: i64, lines: &mut Vec<Line>) -> Resul
         ok: Some(ours / raw >= 0.7),
     });
     drop(client);
-    std::mem::forget(producer);
-    Ok(p)
+    Ok((p, producer))
 }
 
 /// Raw consume of the table topic vs the consumer's restore.
@@ -337,31 +342,127 @@ async fn consume(p: &Pipeline, lines: &mut Vec<Line>) -> Result<walcache_tests::
     Ok(consumer)
 }
 
-/// Quantile from a Prometheus histogram, interpolated within its bucket.
-fn quantile(h: &prometheus::Histogram, q: f64) -> f64 {
+/// Cumulative bucket counts of a Prometheus histogram, to take quantiles over a window.
+fn buckets(h: &prometheus::Histogram) -> Vec<(f64, f64)> {
     use prometheus::core::Collector;
     let families = h.collect();
-    let Some(m) = families.first().and_then(|f| f.get_metric().first()) else { return f64::NAN };
-    let hist = m.get_histogram();
-    let total = hist.get_sample_count() as f64;
+    let Some(m) = families.first().and_then(|f| f.get_metric().first()) else { return Vec::new() };
+    m.get_histogram().get_bucket().iter().map(|b| (b.upper_bound(), b.cumulative_count() as f64)).collect()
+}
+
+/// Quantile of what a histogram observed between two bucket snapshots, interpolated within
+/// its bucket.
+fn quantile(before: &[(f64, f64)], after: &[(f64, f64)], q: f64) -> f64 {
+    let window: Vec<(f64, f64)> =
+        after.iter().enumerate().map(|(i, (b, c))| (*b, c - before.get(i).map_or(0.0, |x| x.1))).collect();
+    let total = window.last().map_or(0.0, |x| x.1);
     let target = q * total;
-    let mut prev_bound = 0.0;
-    let mut prev_count = 0.0;
-    for b in hist.get_bucket() {
-        let count = b.cumulative_count() as f64;
-        if count >= target {
+    let (mut prev_bound, mut prev_count) = (0.0, 0.0);
+    for (bound, count) in window {
+        if count >= target && total > 0.0 {
             let within = if count > prev_count { (target - prev_count) / (count - prev_count) } else { 0.0 };
-            return prev_bound + within * (b.upper_bound() - prev_bound);
+            return prev_bound + within * (bound - prev_bound);
         }
-        prev_bound = b.upper_bound();
-        prev_count = count;
+        (prev_bound, prev_count) = (bound, count);
     }
     f64::INFINITY
 }
 
+/// The broker's own floor: raw rdkafka produce (acks=all) -> raw consume latency at the same
+/// 5k messages/s, on the same broker, as p50/p99 milliseconds.
+async fn raw_freshness(env: &'static Env) -> Result<(f64, f64)> {
+    use futures::StreamExt;
+    use rdkafka::Message;
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let topic = "bench.raw_latency";
+    let kafka = walcache_common::config::KafkaConfig {
+        bootstrap_servers: env.kafka.clone(),
+        properties: Default::default(),
+        property_files: Default::default(),
+        request_timeout: Duration::from_secs(10),
+    };
+    let metadata = walcache_common::kafka::Metadata::new(&kafka, "bench")?;
+    let spec =
+        walcache_common::kafka::TopicSpec { name: topic.into(), partitions: 6, replication_factor: 1, configs: vec![] };
+    walcache_common::kafka::ensure_topics(&kafka, &metadata, &[spec]).await?;
+    let consumer: StreamConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .set("group.id", "bench-raw-latency")
+        .set("enable.auto.commit", "false")
+        .set("fetch.wait.max.ms", "10")
+        .set("fetch.min.bytes", "1")
+        .create()?;
+    let mut assignment = rdkafka::TopicPartitionList::new();
+    for partition in 0..6 {
+        assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)?;
+    }
+    consumer.assign(&assignment)?;
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", &env.kafka)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("linger.ms", "5")
+        .create()?;
+    let epoch = Instant::now();
+    let seconds = 10u64;
+    let sender = tokio::spawn(async move {
+        // 5 messages per millisecond, in bursts of 10 every 2 ms.
+        let mut tick = tokio::time::interval(Duration::from_millis(2));
+        let mut n: u64 = 0;
+        while epoch.elapsed() < Duration::from_secs(seconds) {
+            tick.tick().await;
+            for _ in 0..10 {
+                let mut payload = [b'x'; 200];
+                payload[..8].copy_from_slice(&(epoch.elapsed().as_nanos() as u64).to_be_bytes());
+                let key = n.to_be_bytes();
+                n += 1;
+                let record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).key(&key[..]).payload(&payload[..]);
+                let _ = producer.send_result(record);
+            }
+        }
+        producer
+    });
+    let mut latencies = Vec::new();
+    let mut stream = consumer.stream();
+    let until = Instant::now() + Duration::from_secs(seconds + 5);
+    while let Ok(Some(Ok(message))) = tokio::time::timeout_at(until.into(), stream.next()).await {
+        if let Some(sent) = message.payload().and_then(|p| p.get(..8)).and_then(|b| b.try_into().ok()) {
+            let sent = Duration::from_nanos(u64::from_be_bytes(sent));
+            latencies.push(epoch.elapsed().saturating_sub(sent));
+        }
+        if epoch.elapsed() > Duration::from_secs(seconds + 1) && latencies.len() >= 5000 * seconds as usize {
+            break;
+        }
+    }
+    drop(sender.await);
+    latencies.sort_unstable();
+    let q = |p: f64| {
+        latencies.get(((latencies.len().max(1) - 1) as f64 * p) as usize).map_or(f64::NAN, |d| d.as_secs_f64() * 1e3)
+    };
+    println!(
+        "freshness: raw produce->consume {} messages, p50 {:.1} ms, p99 {:.1} ms",
+        latencies.len(),
+        q(0.5),
+        q(0.99)
+    );
+    Ok((q(0.5), q(0.99)))
+}
+
 /// Commit -> visible in the cache, with 5k row updates per second.
-async fn freshness(p: &Pipeline, consumer: &walcache_tests::consumer::TestConsumer) -> Result<Line> {
-    let before = consumer.metrics.commit_to_apply_seconds.get_sample_count();
+async fn freshness(
+    p: &Pipeline,
+    producer: &walcache_tests::InProcess,
+    consumer: &walcache_tests::consumer::TestConsumer,
+    (raw_p50, raw_p99): (f64, f64),
+    keys: i64,
+) -> Result<Line> {
+    let stages = [
+        ("producer commit->acked", &producer.metrics.commit_to_ack_seconds),
+        ("producer send->acked", &producer.metrics.delivery_seconds),
+        ("consumer commit->visible", &consumer.metrics.commit_to_apply_seconds),
+    ];
+    let before: Vec<_> = stages.iter().map(|(_, h)| buckets(h)).collect();
     let stop = Arc::new(AtomicBool::new(false));
     let updated = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
@@ -378,7 +479,7 @@ async fn freshness(p: &Pipeline, consumer: &walcache_tests::consumer::TestConsum
             let mut n: i64 = w;
             while !stop.load(Ordering::Relaxed) {
                 tick.tick().await;
-                let ids: Vec<i64> = (0..10).map(|i| 1 + (n * 10 + i) % 100_000).collect();
+                let ids: Vec<i64> = (0..10).map(|i| 1 + (n * 10 + i) % keys).collect();
                 n += 4;
                 if client.execute(&stmt, &[&ids]).await.is_ok() {
                     updated.fetch_add(10, Ordering::Relaxed);
@@ -393,16 +494,19 @@ async fn freshness(p: &Pipeline, consumer: &walcache_tests::consumer::TestConsum
         let _ = t.await;
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let h = &consumer.metrics.commit_to_apply_seconds;
-    let samples = h.get_sample_count() - before;
-    let (p50, p99) = (quantile(h, 0.5) * 1000.0, quantile(h, 0.99) * 1000.0);
     let achieved = updated.load(Ordering::Relaxed) as f64 / seconds as f64;
-    println!("freshness: {samples} changes at {}/s: commit->visible p50 {p50:.1} ms, p99 {p99:.1} ms", k(achieved));
+    let (mut p50, mut p99) = (0.0, 0.0);
+    for ((name, h), before) in stages.iter().zip(&before) {
+        let after = buckets(h);
+        let samples = after.last().map_or(0.0, |x| x.1) - before.last().map_or(0.0, |x| x.1);
+        (p50, p99) = (quantile(before, &after, 0.5) * 1000.0, quantile(before, &after, 0.99) * 1000.0);
+        println!("freshness at {}/s: {name}: {samples} samples, p50 {p50:.1} ms, p99 {p99:.1} ms", k(achieved));
+    }
     Ok(Line {
         what: format!("commit -> cache visible at {}/s", k(achieved)),
-        baseline: "published p99: Sequin 253 ms, Debezium 440 ms".into(),
+        baseline: format!("raw produce->consume p50 {raw_p50:.0} ms, p99 {raw_p99:.0} ms"),
         ours: format!("p50 {p50:.1} ms, p99 {p99:.1} ms"),
-        ratio: Some(253.0 / p99),
+        ratio: Some(raw_p99 / p99),
         target: "p99 <= 50ms".into(),
         ok: Some(p99 <= 50.0),
     })
@@ -429,79 +533,113 @@ where
     LoadResult { per_sec: all.len() as f64 / seconds as f64, p50_us: q(0.5), p99_us: q(0.99) }
 }
 
-/// Reads at concurrency 16: a PK query through tokio-postgres, the cache over HTTP, the cache
-/// with the client's near-cache, and redis GET (when redis-benchmark is installed).
+/// Key choice for a read load: uniform over every row, or a hot set (the couriers with
+/// deliveries in flight, which payments reads again and again).
+#[derive(Clone, Copy)]
+enum Keys {
+    Uniform(i64),
+    Hot(i64),
+}
+
+impl Keys {
+    fn pick(self) -> i64 {
+        match self {
+            Keys::Uniform(n) | Keys::Hot(n) => 1 + (rand::random::<u64>() % n as u64) as i64,
+        }
+    }
+
+    fn label(self) -> String {
+        match self {
+            Keys::Uniform(n) => format!("uniform over {}", k(n as f64)),
+            Keys::Hot(n) => format!("hot set of {}", k(n as f64)),
+        }
+    }
+}
+
+const READ_CONCURRENCY: usize = 16;
+
+async fn pg_reads(p: &Pipeline, keys: Keys, seconds: u64) -> LoadResult {
+    let db = p.db.clone();
+    let until = Instant::now() + Duration::from_secs(seconds);
+    load(seconds, READ_CONCURRENCY, move |_| {
+        let db = db.clone();
+        async move {
+            let client = db.client().await;
+            let stmt = client
+                .prepare("SELECT courier_id, city, zone, tier, rating::text, deliveries, on_time_rate, acceptance_rate, cancellations, active, notes, updated_at::text FROM courier_performance WHERE courier_id = $1")
+                .await
+                .expect("prepare");
+            let mut out = Vec::new();
+            while Instant::now() < until {
+                let t = Instant::now();
+                let _ = client.query_opt(&stmt, &[&keys.pick()]).await;
+                out.push(t.elapsed());
+            }
+            out
+        }
+    })
+    .await
+}
+
+async fn client_reads(
+    consumer: &walcache_tests::consumer::TestConsumer,
+    near_cache: Option<walcache_client::NearCacheOptions>,
+    keys: Keys,
+    seconds: u64,
+) -> Result<LoadResult> {
+    let client = walcache_client::Client::new(
+        &consumer.base,
+        walcache_client::ClientOptions { near_cache, ..Default::default() },
+    )?;
+    let until = Instant::now() + Duration::from_secs(seconds);
+    Ok(load(seconds, READ_CONCURRENCY, move |_| {
+        let client = client.clone();
+        async move {
+            let mut out = Vec::new();
+            let options = walcache_client::ReadOptions::default();
+            while Instant::now() < until {
+                let t = Instant::now();
+                let _ = client.get::<walcache_schemas::CourierPerformance>(&keys.pick(), &options).await;
+                out.push(t.elapsed());
+            }
+            out
+        }
+    })
+    .await)
+}
+
+/// Reads at concurrency 16, each walcache path beside a PK query through tokio-postgres on the
+/// same keys: the cache over HTTP (uniform keys), the client's near-cache (hot set), and redis
+/// GET throughput (when redis-benchmark is installed).
 async fn read(
     p: &Pipeline,
     consumer: &walcache_tests::consumer::TestConsumer,
-    keys: i64,
+    rows: i64,
     seconds: u64,
 ) -> Result<Vec<Line>> {
-    const C: usize = 16;
-    let deadline = move || Instant::now() + Duration::from_secs(seconds);
-    let key = move || 1 + (rand::random::<u64>() % keys as u64) as i64;
-
-    let pg = {
-        let db = p.db.clone();
-        let until = deadline();
-        load(seconds, C, move |_| {
-            let db = db.clone();
-            async move {
-                let client = db.client().await;
-                let stmt = client
-                    .prepare("SELECT courier_id, city, zone, tier, rating::text, deliveries, on_time_rate, acceptance_rate, cancellations, active, notes, updated_at::text FROM courier_performance WHERE courier_id = $1")
-                    .await
-                    .expect("prepare");
-                let mut out = Vec::new();
-                while Instant::now() < until {
-                    let t = Instant::now();
-                    let _ = client.query_opt(&stmt, &[&key()]).await;
-                    out.push(t.elapsed());
-                }
-                out
-            }
-        })
-        .await
-    };
-    println!("read: postgres PK query {}/s, p50 {:.0} us, p99 {:.0} us", k(pg.per_sec), pg.p50_us, pg.p99_us);
-
+    let near = walcache_client::NearCacheOptions { capacity: 200_000, ttl: Duration::from_secs(1) };
     let mut results = Vec::new();
-    for (label, near) in [
-        ("HTTP", None),
-        ("near-cache 1s", Some(walcache_client::NearCacheOptions { capacity: 200_000, ttl: Duration::from_secs(1) })),
-    ] {
-        let client = walcache_client::Client::new(
-            &consumer.base,
-            walcache_client::ClientOptions { near_cache: near, ..Default::default() },
-        )?;
-        let until = deadline();
-        let r = load(seconds, C, move |_| {
-            let client = client.clone();
-            async move {
-                let mut out = Vec::new();
-                let options = walcache_client::ReadOptions::default();
-                while Instant::now() < until {
-                    let t = Instant::now();
-                    let _ = client.get::<walcache_schemas::CourierPerformance>(&key(), &options).await;
-                    out.push(t.elapsed());
-                }
-                out
-            }
-        })
-        .await;
-        println!(
-            "read: walcache-client get ({label}) {}/s, p50 {:.0} us, p99 {:.0} us",
-            k(r.per_sec),
-            r.p50_us,
-            r.p99_us
-        );
-        results.push((label, r));
+    for (label, near_cache, keys) in
+        [("HTTP", None, Keys::Uniform(rows)), ("near-cache, 1s TTL", Some(near), Keys::Hot(1000.min(rows)))]
+    {
+        let pg = pg_reads(p, keys, seconds).await;
+        let ours = client_reads(consumer, near_cache, keys, seconds).await?;
+        for (who, r) in [("postgres PK query", &pg), ("walcache-client get", &ours)] {
+            println!(
+                "read ({}): {who} ({label}) {}/s, p50 {:.0} us, p99 {:.0} us",
+                keys.label(),
+                k(r.per_sec),
+                r.p50_us,
+                r.p99_us
+            );
+        }
+        results.push((label, keys, pg, ours));
     }
     let mut lines = Vec::new();
-    for (label, r) in &results {
+    for (label, keys, pg, r) in &results {
         let speedup = pg.p50_us / r.p50_us.max(0.001);
         lines.push(Line {
-            what: format!("get p50 latency, c=16 ({label})"),
+            what: format!("get p50, c=16, {label}, {}", keys.label()),
             baseline: format!("tokio-postgres PK query {:.0} us", pg.p50_us),
             ours: format!("{:.0} us (p99 {:.0} us, {}/s)", r.p50_us, r.p99_us, k(r.per_sec)),
             ratio: Some(speedup),
@@ -509,9 +647,9 @@ async fn read(
             ok: Some(speedup >= 10.0),
         });
     }
-    match redis_get_rate(keys) {
+    match redis_get_rate(rows) {
         Some(redis) => {
-            for (label, r) in &results {
+            for (label, _, _, r) in &results {
                 lines.push(Line {
                     what: format!("get throughput, c=16 ({label})"),
                     baseline: format!("redis GET (redis-benchmark) {}/s", k(redis)),
