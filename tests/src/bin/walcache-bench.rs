@@ -235,14 +235,9 @@ async fn drain(env: &'static Env, rows: i64) -> Result<Vec<Line>> {
     }])
 }
 
-/// Raw produce of 200-byte messages vs the producer end to end on the same broker.
-async fn produce(
-    env: &'static Env,
-    events: i64,
-    lines: &mut Vec<Line>,
-) -> Result<(Pipeline, walcache_tests::InProcess)> {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let topic = "bench.raw";
+/// A 6-partition topic for a raw baseline, and the producer settings both raw baselines share
+/// (what a plain rdkafka user gets with acks=all and idempotence).
+async fn raw_topic_and_producer(env: &Env, topic: &str) -> Result<rdkafka::producer::FutureProducer> {
     let kafka = walcache_common::config::KafkaConfig {
         bootstrap_servers: env.kafka.clone(),
         properties: Default::default(),
@@ -250,24 +245,27 @@ async fn produce(
         request_timeout: Duration::from_secs(10),
     };
     let metadata = walcache_common::kafka::Metadata::new(&kafka, "bench")?;
-    walcache_common::kafka::ensure_topics(
-        &kafka,
-        &metadata,
-        &[walcache_common::kafka::TopicSpec {
-            name: topic.into(),
-            partitions: 6,
-            replication_factor: 1,
-            configs: vec![],
-        }],
-    )
-    .await?;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
+    let spec =
+        walcache_common::kafka::TopicSpec { name: topic.into(), partitions: 6, replication_factor: 1, configs: vec![] };
+    walcache_common::kafka::ensure_topics(&kafka, &metadata, &[spec]).await?;
+    Ok(rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &env.kafka)
         .set("acks", "all")
         .set("enable.idempotence", "true")
         .set("linger.ms", "5")
         .set("queue.buffering.max.messages", "1000000")
-        .create()?;
+        .create()?)
+}
+
+/// Raw produce of 200-byte messages vs the producer end to end on the same broker.
+async fn produce(
+    env: &'static Env,
+    events: i64,
+    lines: &mut Vec<Line>,
+) -> Result<(Pipeline, walcache_tests::InProcess)> {
+    use rdkafka::producer::FutureRecord;
+    let topic = "bench.raw";
+    let producer = raw_topic_and_producer(env, topic).await?;
     let payload = [b'x'; 200];
     let started = Instant::now();
     let mut futures = Vec::with_capacity(events as usize);
@@ -374,18 +372,9 @@ async fn raw_freshness(env: &'static Env) -> Result<(f64, f64)> {
     use futures::StreamExt;
     use rdkafka::Message;
     use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::producer::{FutureProducer, FutureRecord};
+    use rdkafka::producer::FutureRecord;
     let topic = "bench.raw_latency";
-    let kafka = walcache_common::config::KafkaConfig {
-        bootstrap_servers: env.kafka.clone(),
-        properties: Default::default(),
-        property_files: Default::default(),
-        request_timeout: Duration::from_secs(10),
-    };
-    let metadata = walcache_common::kafka::Metadata::new(&kafka, "bench")?;
-    let spec =
-        walcache_common::kafka::TopicSpec { name: topic.into(), partitions: 6, replication_factor: 1, configs: vec![] };
-    walcache_common::kafka::ensure_topics(&kafka, &metadata, &[spec]).await?;
+    let producer = raw_topic_and_producer(env, topic).await?;
     let consumer: StreamConsumer = rdkafka::ClientConfig::new()
         .set("bootstrap.servers", &env.kafka)
         .set("group.id", "bench-raw-latency")
@@ -398,12 +387,6 @@ async fn raw_freshness(env: &'static Env) -> Result<(f64, f64)> {
         assignment.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)?;
     }
     consumer.assign(&assignment)?;
-    let producer: FutureProducer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &env.kafka)
-        .set("acks", "all")
-        .set("enable.idempotence", "true")
-        .set("linger.ms", "5")
-        .create()?;
     let epoch = Instant::now();
     let seconds = 10u64;
     let sender = tokio::spawn(async move {
