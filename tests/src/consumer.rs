@@ -39,7 +39,7 @@ topic = "{dead_letter}"
 [http]
 listen = "127.0.0.1:0"
 max_batch = 100
-max_wait = "10s"
+max_wait = "60s"
 instance = "test-consumer"
 {extra}
 "#,

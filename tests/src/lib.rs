@@ -17,6 +17,7 @@ pub mod broker;
 pub mod consumer;
 pub mod events;
 pub mod kafka;
+pub mod net;
 pub mod pipeline;
 pub mod postgres;
 pub mod writer;

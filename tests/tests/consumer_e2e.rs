@@ -54,7 +54,7 @@ async fn rows_appear_with_their_as_of_and_read_your_writes_works() {
     let client = db.client().await;
     client.execute("UPDATE courier_performance SET deliveries = 4242 WHERE courier_id = 7", &[]).await.expect("update");
     let lsn = commit_lsn(&client).await;
-    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/7?min_lsn={lsn}&wait_ms=5000")).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/7?min_lsn={lsn}&wait_ms=30000")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["value"]["deliveries"], 4242, "min_lsn must return the committed value: {body}");
     let row_lsn: Lsn = body["as_of"]["row_lsn"].as_str().expect("row lsn").parse().expect("lsn");
@@ -70,7 +70,7 @@ async fn rows_appear_with_their_as_of_and_read_your_writes_works() {
     let (status, body) = c
         .post(
             "/v1/tables/courier_performance/batch",
-            &json!({ "keys": [7, 8, 100000], "min_lsn": lsn.to_string(), "wait_ms": 5000 }),
+            &json!({ "keys": [7, 8, 100000], "min_lsn": lsn.to_string(), "wait_ms": 30000 }),
         )
         .await;
     assert_eq!(status, 200, "{body}");
@@ -81,15 +81,23 @@ async fn rows_appear_with_their_as_of_and_read_your_writes_works() {
     let (status, body) = c.row(8).await;
     assert_eq!((status, body["state"].as_str()), (404, Some("deleted")));
 
-    // Staleness: the producer's heartbeats keep the view fresh on an idle database.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let (status, body) = c.get("/v1/tables/courier_performance/rows/7?max_staleness_ms=2000").await;
-    assert_eq!(status, 200, "heartbeats keep the view younger than 2s: {body}");
+    // Staleness: on an idle database the producer's heartbeats keep moving the view past the
+    // last write, again and again, so a bounded-staleness read is answered from the cache.
+    let mut passed = lsn;
+    for beat in 0..2 {
+        passed = wait_for("a heartbeat to move the view on", Duration::from_secs(30), || async {
+            let (status, body) = c.get("/v1/tables/courier_performance/rows/7?max_staleness_ms=2000").await;
+            let view: Lsn = body["as_of"]["view_lsn"].as_str()?.parse().ok()?;
+            (status == 200 && view > passed).then_some(view)
+        })
+        .await;
+        assert!(passed > lsn, "heartbeat {beat} moved the view past the last write");
+    }
 
     // A truncate empties the table in the view.
     client.batch_execute("TRUNCATE courier_performance").await.expect("truncate");
     let lsn = commit_lsn(&client).await;
-    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/7?min_lsn={lsn}&wait_ms=5000")).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/7?min_lsn={lsn}&wait_ms=30000")).await;
     assert_eq!((status, body["state"].as_str()), (404, Some("absent")), "{body}");
 
     // Metrics moved.
@@ -263,7 +271,7 @@ async fn garbage_and_unknown_schemas_are_dead_lettered_once_and_the_consumer_kee
     let client = db.client().await;
     client.execute("UPDATE courier_performance SET deliveries = 777 WHERE courier_id = 5", &[]).await.expect("update");
     let lsn = commit_lsn(&client).await;
-    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/5?min_lsn={lsn}&wait_ms=5000")).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/5?min_lsn={lsn}&wait_ms=30000")).await;
     assert_eq!((status, body["value"]["deliveries"].as_i64()), (200, Some(777)), "{body}");
     let (_, body) = c.row(6).await;
     assert_eq!(body["value"]["courier_id"], 6, "the mismatched copy did not touch key 5 or 6");

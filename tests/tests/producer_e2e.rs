@@ -391,3 +391,37 @@ async fn check_exits_non_zero_when_wal_level_is_not_logical() {
     assert!(stdout.contains("FAIL wal_level is 'replica'"), "{stdout}");
     assert!(stdout.contains("set wal_level = logical in postgresql.conf and restart Postgres"), "{stdout}");
 }
+
+/// As root (CI images, `sudo make test`), the cluster runs as `postgres`, which cannot enter a
+/// checkout under a root-only directory such as a `mktemp -d` folder or /root: the local
+/// environment must still come up there, and `destroy` must take everything with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_local_environment_comes_up_in_a_directory_postgres_cannot_enter() {
+    let is_root = std::process::Command::new("id").arg("-u").output().map(|o| o.stdout == b"0\n").unwrap_or(false);
+    if !is_root {
+        eprintln!("not root: Postgres runs as this user, so every directory it needs is reachable");
+        return;
+    }
+    let repo = walcache_tests::repo_root();
+    let private = tempfile::Builder::new().prefix("walcache-private").tempdir().expect("dir");
+    std::fs::set_permissions(private.path(), std::os::unix::fs::PermissionsExt::from_mode(0o700)).expect("chmod");
+    let reachable = std::process::Command::new("runuser")
+        .args(["-u", "postgres", "--", "test", "-x"])
+        .arg(private.path())
+        .status()
+        .expect("runuser");
+    assert!(!reachable.success(), "the postgres user must not be able to enter {}", private.path().display());
+    let dir = private.path().join("env");
+    let env = walcache_tests::load_env(&repo, &dir, "pg-up");
+    let pg = walcache_tests::postgres::connect(&env, "postgres").await;
+    let wal_level: String = pg.query_one("SHOW wal_level", &[]).await.expect("query").get(0);
+    assert_eq!(wal_level, "logical");
+    let cluster = std::fs::read_link(dir.join("pg")).expect("the cluster lives outside and DIR/pg points to it");
+    assert!(cluster.join("data/PG_VERSION").exists());
+    let status = std::process::Command::new(repo.join("deploy/local/walcache-env"))
+        .args(["destroy", "--dir"])
+        .arg(&dir)
+        .status();
+    assert!(status.is_ok_and(|s| s.success()));
+    assert!(!dir.exists() && !cluster.exists(), "destroy removes the environment and the cluster's files");
+}

@@ -315,10 +315,9 @@ async fn sigterm_drains_confirms_and_exits_zero_so_a_restart_repeats_nothing() {
     wait_ready(&mut producer, Duration::from_secs(60)).await;
     let writer = Writer::start(&db, 1_000, 10_000_000, Duration::ZERO).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
-    let started = Instant::now();
+    // The daemon bounds its own drain by shutdown_timeout; 30 s here only catches a hang.
     let status = producer.terminate(Duration::from_secs(30)).expect("exits within the deadline");
     assert!(status.success(), "exit status {status:?}: {}", producer.log());
-    assert!(started.elapsed() < Duration::from_secs(20));
     assert!(producer.log().contains("slot confirmed; shutdown complete"), "{}", producer.log());
     let confirmed = db.slot_confirmed(&p.slot).await.expect("slot");
     let events = topic_events(&p).await;

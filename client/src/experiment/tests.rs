@@ -207,29 +207,46 @@ async fn lag_aware_classification_proves_staleness_with_a_recheck() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_candidates_add_no_latency_and_are_bounded() {
+    // The candidates cannot finish until every caller has its answer: a caller that waited
+    // for a candidate would never return, so the property holds whatever the machine's speed.
     let p = Arc::new(SummaryPublisher::new("bg", false, 5));
     let limit = Arc::new(Semaphore::new(2));
-    let started = Instant::now();
-    for _ in 0..10 {
-        let out: Result<i32, String> = Experiment::new("bg")
-            .control(|| async { Ok(1) })
-            .candidate("slow", || async {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                Ok(2)
-            })
-            .publisher(p.clone())
-            .run_in_background(&limit)
-            .await;
-        assert_eq!(out, Ok(1));
+    let gate = Arc::new(Semaphore::new(0));
+    let callers = async {
+        for _ in 0..10 {
+            let gate = gate.clone();
+            let out: Result<i32, String> = Experiment::new("bg")
+                .control(|| async { Ok(1) })
+                .candidate("slow", || async move {
+                    let _open = gate.acquire().await;
+                    Ok(2)
+                })
+                .publisher(p.clone())
+                .run_in_background(&limit)
+                .await;
+            assert_eq!(out, Ok(1));
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), callers).await.expect("a caller waited for a background candidate");
+    assert_eq!(p.summary().runs, 0, "no candidate can have finished while the gate is closed");
+    assert_eq!(limit.available_permits(), 0, "two candidates hold the two permits");
+    gate.add_permits(10);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while p.summary().runs < 2 {
+        assert!(Instant::now() < deadline, "the released candidates never reported: {:?}", p.summary());
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert!(started.elapsed() < Duration::from_millis(150), "the caller never waits for candidates");
-    tokio::time::sleep(Duration::from_millis(400)).await;
     let s = p.summary();
     assert_eq!(s.runs, 2, "two permits: two runs compared");
     assert_eq!(s.skipped.get("busy"), Some(&8));
     assert_eq!(s.candidates["slow"].classes.get("divergent"), Some(&2));
     assert_eq!(s.mismatch_samples.len(), 2);
     assert!(s.mismatch_samples.iter().all(|m| m.control.is_none()), "no values unless enabled");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while limit.available_permits() < 2 {
+        assert!(Instant::now() < deadline, "a finished candidate kept its permit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
 }
 
 #[test]
