@@ -198,7 +198,9 @@ pub async fn verify(
     };
     let select = plan.fields.iter().map(|f| format!("\"{}\"::text", f.name)).collect::<Vec<_>>().join(", ");
     tx.batch_execute(&format!(
-        "SET LOCAL TimeZone = 'UTC'; DECLARE walcache_verify NO SCROLL CURSOR FOR SELECT {select} FROM {qualified}"
+        "SET LOCAL TimeZone = 'UTC'; SET LOCAL DateStyle = 'ISO'; SET LOCAL IntervalStyle = 'postgres'; \
+         SET LOCAL extra_float_digits = 3; SET LOCAL bytea_output = 'hex'; \
+         DECLARE walcache_verify NO SCROLL CURSOR FOR SELECT {select} FROM {qualified}"
     ))
     .await
     .map_err(pg)?;

@@ -215,10 +215,21 @@ async fn postgres_checks(
             [(r.get(1), "insert"), (r.get(2), "update"), (r.get(3), "delete"), (r.get(4), "truncate")];
         let missing: Vec<&str> = ops.iter().filter(|(on, _)| !on).map(|(_, n)| *n).collect();
         if !missing.is_empty() {
+            // The slot would be confirmed past changes it never saw: refuse.
             report.add(
-                Level::Warn,
-                format!("publication {publication} does not publish {}", missing.join(", ")),
+                Level::Fail,
+                format!(
+                    "publication {publication} does not publish {}: those changes would never reach the cache",
+                    missing.join(", ")
+                ),
                 format!("ALTER PUBLICATION {publication} SET (publish = 'insert, update, delete, truncate')"),
+            );
+        }
+        if r.get::<_, bool>(0) {
+            report.add(
+                Level::Fail,
+                format!("publication {publication} is FOR ALL TABLES: changes to tables walcache is not configured for would stop it"),
+                format!("use a publication of the configured tables only: DROP PUBLICATION {publication} (walcache creates it)"),
             );
         }
     }

@@ -163,6 +163,13 @@ impl Default for PipelineConfig {
     }
 }
 
+/// Session settings that change how Postgres writes values as text, pinned on every
+/// connection the producer opens (control, snapshot, replication). Startup-packet options
+/// take precedence over `ALTER DATABASE/ROLE ... SET` and postgresql.conf, so the contract
+/// parsers see one format whatever the server, database or role defaults are.
+pub const PINNED_TEXT_SETTINGS: &str = "-c DateStyle=ISO -c TimeZone=UTC -c IntervalStyle=postgres \
+     -c extra_float_digits=3 -c bytea_output=hex";
+
 /// Connection settings parsed from the URL, with the password resolved.
 #[derive(Debug, Clone)]
 pub struct PgConnection {
@@ -182,6 +189,7 @@ impl PgConnection {
             .user(&self.user)
             .dbname(&self.database)
             .application_name(application)
+            .options(PINNED_TEXT_SETTINGS)
             .connect_timeout(Duration::from_secs(10));
         if !self.password.is_empty() {
             c.password(self.password.expose());
@@ -238,6 +246,21 @@ impl ProducerConfig {
         }
         if self.pipeline.max_in_flight < 1 {
             return Err(ProducerError::Config("pipeline.max_in_flight must be at least 1".into()));
+        }
+        let p = &self.pipeline;
+        for (key, value, at_least) in [
+            ("pipeline.watermark_interval", p.watermark_interval, Duration::from_millis(1)),
+            ("pipeline.heartbeat_interval", p.heartbeat_interval, Duration::from_millis(10)),
+            ("pipeline.status_interval", p.status_interval, Duration::from_millis(10)),
+            ("pipeline.shutdown_timeout", p.shutdown_timeout, Duration::from_secs(1)),
+            ("pipeline.lag_interval", p.lag_interval, Duration::from_millis(100)),
+            ("kafka.request_timeout", self.kafka.request_timeout, Duration::from_millis(100)),
+        ] {
+            if value < at_least {
+                return Err(ProducerError::Config(format!(
+                    "{key} = {value:?} is too short: use at least {at_least:?} (durations are written like \"500ms\" or \"5s\")"
+                )));
+            }
         }
         if self.pipeline.status_interval > Duration::from_secs(30) {
             return Err(ProducerError::Config(
@@ -375,6 +398,21 @@ mod tests {
             ))
             .extract::<ProducerConfig>();
         assert!(unknown.expect_err("unknown field").to_string().contains("slott"));
+    }
+
+    #[test]
+    fn zero_durations_are_refused_with_the_key_named() {
+        for key in ["watermark_interval", "heartbeat_interval", "status_interval", "shutdown_timeout", "lag_interval"] {
+            let cfg = toml_config(&format!(
+                "[postgres]\nurl='postgres://u@h/d'\n[kafka]\nbootstrap_servers='k:1'\n[pipeline]\n{key} = '0s'\n\
+                 [[tables]]\ntable='public.t'\ncontract='courier_performance'"
+            ));
+            let e = cfg.validate().expect_err("zero is refused").to_string();
+            assert!(e.contains(&format!("pipeline.{key}")) && e.contains("too short"), "{e}");
+        }
+        let mut cfg = base();
+        cfg.kafka.request_timeout = Duration::ZERO;
+        assert!(cfg.validate().expect_err("zero").to_string().contains("kafka.request_timeout"));
     }
 
     #[test]

@@ -24,6 +24,12 @@ pub enum ProducerError {
     #[error("{problem}; {fix}")]
     Prerequisite { problem: String, fix: String },
 
+    /// A change the producer cannot route to a configured table (a renamed or moved table,
+    /// a table walcache does not know in its publication). Nothing at or after it is
+    /// confirmed: the daemon stops until an operator decides.
+    #[error("{problem}; nothing from this change on has been confirmed to the slot. {fix}")]
+    Unroutable { problem: String, fix: String },
+
     /// A Postgres query or connection failed.
     #[error("postgres: {context}: {source}")]
     Postgres {
@@ -56,9 +62,29 @@ pub enum ProducerError {
         source: KafkaError,
     },
 
+    /// librdkafka stopped the producer instance (idempotence or the gapless guarantee could
+    /// not be kept). `cause` is librdkafka's account of why; `definite` when that cause is a
+    /// broker refusal no retry can fix.
+    #[error("kafka producer stopped on a fatal error while writing {topic}: {cause}{}", if *definite { "; fix the cause, then restart" } else { "; the session restarts from the last confirmed LSN" })]
+    KafkaFatal { topic: String, cause: String, definite: bool },
+
+    /// A message is larger than the producer may send (`message.max.bytes`). The emitter
+    /// turns this into a dead letter without values; it only surfaces as an error when even
+    /// that is too large.
+    #[error(
+        "a {bytes}-byte message for {topic} is over the producer's message.max.bytes; raise kafka.properties.\"message.max.bytes\" together with the topic's max.message.bytes, or keep such rows out"
+    )]
+    MessageTooLarge { topic: String, bytes: usize },
+
     /// The embedded contracts could not be used.
     #[error(transparent)]
     Schema(#[from] SchemaError),
+
+    /// SIGTERM's drain did not finish within `pipeline.shutdown_timeout`.
+    #[error(
+        "shutdown: the drain did not finish within pipeline.shutdown_timeout ({after:?}); changes not yet confirmed to the slot will be sent again on restart"
+    )]
+    ShutdownDeadline { after: std::time::Duration },
 
     /// The slot did not confirm the delivered position before the shutdown deadline.
     #[error(
@@ -74,9 +100,13 @@ impl ProducerError {
             ProducerError::Postgres { source, .. } => postgres_is_transient(source),
             ProducerError::Replication { source, .. } => replication_is_transient(source),
             ProducerError::Common(e) => e.is_transient(),
-            ProducerError::Delivery { .. } | ProducerError::ConfirmTimeout { .. } => true,
+            ProducerError::Delivery { source, .. } => !kafka_error_is_definite(source),
+            ProducerError::ConfirmTimeout { .. } | ProducerError::ShutdownDeadline { .. } => true,
+            ProducerError::MessageTooLarge { .. } => false,
+            ProducerError::KafkaFatal { definite, .. } => !definite,
             ProducerError::Config(_)
             | ProducerError::Prerequisite { .. }
+            | ProducerError::Unroutable { .. }
             | ProducerError::Decode(_)
             | ProducerError::Schema(_) => false,
         }
@@ -89,6 +119,69 @@ impl ProducerError {
     pub(crate) fn repl(context: impl Into<String>, source: PgWireError) -> Self {
         ProducerError::Replication { context: context.into(), source }
     }
+}
+
+/// Kafka errors that a retry cannot fix: the same message, topic or credentials fail the
+/// same way again, so restarting the session would replay the same changes for ever while
+/// WAL piles up on the primary. Everything else (timeouts, leader moves, brokers down,
+/// not enough replicas) is transient.
+pub(crate) fn kafka_error_is_definite(e: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    let code = match e {
+        KafkaError::MessageProduction(c) => Some(*c),
+        KafkaError::ClientCreation(_) => return true,
+        other => other.rdkafka_error_code(),
+    };
+    matches!(
+        code,
+        Some(
+            C::MessageSizeTooLarge
+                | C::InvalidMessageSize
+                | C::TopicAuthorizationFailed
+                | C::ClusterAuthorizationFailed
+                | C::TransactionalIdAuthorizationFailed
+                | C::SaslAuthenticationFailed
+                | C::Authentication
+                | C::UnknownTopicOrPartition
+                | C::UnknownTopic
+                | C::InvalidConfig
+                | C::InvalidRequiredAcks
+                | C::InvalidTopic
+                | C::UnsupportedVersion
+                | C::UnsupportedForMessageFormat
+                | C::PolicyViolation
+                | C::InvalidRecord
+        )
+    )
+}
+
+/// Whether librdkafka's account of a fatal error names a definite broker error (it quotes
+/// the broker's error text, such as "Broker: Topic authorization failed").
+pub(crate) fn fatal_cause_is_definite(cause: &str) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    [
+        C::MessageSizeTooLarge,
+        C::InvalidMessageSize,
+        C::TopicAuthorizationFailed,
+        C::ClusterAuthorizationFailed,
+        C::TransactionalIdAuthorizationFailed,
+        C::SaslAuthenticationFailed,
+        C::UnknownTopicOrPartition,
+        C::InvalidConfig,
+        C::InvalidRequiredAcks,
+        C::InvalidTopic,
+        C::UnsupportedForMessageFormat,
+        C::PolicyViolation,
+        C::InvalidRecord,
+    ]
+    .iter()
+    .any(|code| {
+        // Displayed as "TopicAuthorizationFailed (Broker: Topic authorization failed)"; the
+        // fatal error quotes the part in brackets.
+        let shown = code.to_string();
+        let description = shown.split_once(" (").map_or(shown.as_str(), |(_, d)| d.trim_end_matches(')'));
+        cause.contains(description)
+    })
 }
 
 /// Connection-level failures, server shutdowns, resource limits and lock conflicts pass;
@@ -117,5 +210,21 @@ fn replication_is_transient(e: &PgWireError) -> bool {
         }
         PgWireError::Auth(_) | PgWireError::Tls(_) => false,
         _ => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fatal_causes_are_classified_by_the_broker_error_they_quote() {
+        assert!(fatal_cause_is_definite(
+            "ProduceRequest for t [0] with 1 message(s) failed: Broker: Topic authorization failed (broker 1)"
+        ));
+        assert!(!fatal_cause_is_definite(
+            "ProduceRequest for t [0] with 1 message(s) failed: Broker: Not enough in-sync replicas (broker 1)"
+        ));
+        assert!(!fatal_cause_is_definite("Local: Message timed out"));
     }
 }

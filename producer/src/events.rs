@@ -116,29 +116,41 @@ impl Emitter {
         if let Err(v) = binding.encode_row(message, new, full_old, &mut self.row) {
             return self.dead_letter(sink, binding, &v, op, message, new, position).await;
         }
-        let before = match full_old {
-            Some(cols) if op == Op::Update && binding.encode_row(message, cols, None, &mut self.before).is_ok() => {
-                Some(&self.before[..])
-            }
-            _ => None,
-        };
-        self.message.clear();
-        write_envelope(
-            &mut self.message,
-            &table.version.doc.header,
-            op,
-            before,
-            Some(&self.row),
-            position,
-            &table.qualified,
-        );
+        let with_before = full_old
+            .is_some_and(|cols| op == Op::Update && binding.encode_row(message, cols, None, &mut self.before).is_ok());
         self.key_message.clear();
         self.key_message.extend_from_slice(&table.spec.contract.key.header);
         self.key_message.extend_from_slice(&self.key);
-        let tag = self.tag(&table, op);
-        sink.send(table.index, &self.key_message, Some(&self.message), tag).await?;
-        position.index += 1;
-        Ok(())
+        // `before` is optional: a message too large with it is sent without it; one too large
+        // without it is set aside, without values, as a dead letter small enough to deliver.
+        for include_before in [true, false] {
+            if !include_before && !with_before {
+                break;
+            }
+            let before = (include_before && with_before).then_some(&self.before[..]);
+            self.message.clear();
+            write_envelope(
+                &mut self.message,
+                &table.version.doc.header,
+                op,
+                before,
+                Some(&self.row),
+                position,
+                &table.qualified,
+            );
+            let tag = self.tag(&table, op);
+            match sink.send(table.index, &self.key_message, Some(&self.message), tag).await {
+                Ok(()) => {
+                    position.index += 1;
+                    return Ok(());
+                }
+                Err(ProducerError::MessageTooLarge { .. }) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        let bytes = self.key_message.len() + self.message.len();
+        let key = binding.key_json(message, new);
+        self.set_aside(sink, binding, op, key, position, too_large(bytes, sink.max_message_bytes())).await
     }
 
     /// A delete: key from the old tuple (key columns or the full row).
@@ -168,25 +180,31 @@ impl Emitter {
         position: &mut Position,
     ) -> Result<(), ProducerError> {
         let table = Arc::clone(&binding.table);
-        let before = match full_old {
-            Some(cols) if binding.encode_row(message, cols, None, &mut self.before).is_ok() => Some(&self.before[..]),
-            _ => None,
-        };
-        self.message.clear();
-        write_envelope(
-            &mut self.message,
-            &table.version.doc.header,
-            Op::Delete,
-            before,
-            None,
-            position,
-            &table.qualified,
-        );
+        let with_before =
+            full_old.is_some_and(|cols| binding.encode_row(message, cols, None, &mut self.before).is_ok());
         self.key_message.clear();
         self.key_message.extend_from_slice(&table.spec.contract.key.header);
         self.key_message.extend_from_slice(&self.key);
-        let tag = self.tag(&table, Op::Delete);
-        sink.send(table.index, &self.key_message, Some(&self.message), tag).await?;
+        // A delete must reach consumers: when its old row makes it too large, it goes
+        // without `before` (a key and a position are all a delete needs).
+        let mut include_before = with_before;
+        loop {
+            self.message.clear();
+            write_envelope(
+                &mut self.message,
+                &table.version.doc.header,
+                Op::Delete,
+                include_before.then_some(&self.before[..]),
+                None,
+                position,
+                &table.qualified,
+            );
+            let tag = self.tag(&table, Op::Delete);
+            match sink.send(table.index, &self.key_message, Some(&self.message), tag).await {
+                Err(ProducerError::MessageTooLarge { .. }) if include_before => include_before = false,
+                other => break other?,
+            }
+        }
         // The tombstone lets compaction forget the key. Compaction may also drop the delete
         // event before it, so the tombstone carries the same position in a header.
         let no_count = DeliveryTag { events: None, bytes: None };
@@ -234,39 +252,59 @@ impl Emitter {
         columns: &[ColumnRef],
         position: &mut Position,
     ) -> Result<(), ProducerError> {
+        let reason = SetAside {
+            code: violation.code(),
+            reason: violation.to_string(),
+            field: Some(violation.field().to_string()),
+            row: Some(binding.row_json(message, columns)),
+        };
+        let key = binding.key_json(message, columns);
+        self.set_aside(sink, binding, op, key, position, reason).await
+    }
+
+    /// Writes the dead letter for a change at `position`. A record too large with the row's
+    /// values in it goes without them: the key, position and reason are what an operator
+    /// needs to find the row in Postgres.
+    async fn set_aside(
+        &mut self,
+        sink: &mut Sink,
+        binding: &Binding,
+        op: Op,
+        key: Option<serde_json::Value>,
+        position: &mut Position,
+        reason: SetAside,
+    ) -> Result<(), ProducerError> {
         let table = &binding.table;
         tracing::warn!(
             table = %table.qualified,
-            reason = violation.code(),
-            field = violation.field(),
+            reason = reason.code,
+            field = reason.field.as_deref().unwrap_or(""),
             lsn = %position.lsn,
             txid = position.txid,
-            "row breaks its contract; set aside on the dead-letter topic"
+            "row set aside on the dead-letter topic"
         );
-        let record = DeadLetter {
+        let mut record = DeadLetter {
             stage: Stage::Producer,
             table: Some(table.qualified.clone()),
-            key: binding.key_json(message, columns),
+            key,
             lsn: Some(position.lsn),
             txid: Some(position.txid),
             index: Some(position.index),
             commit_time: Some(micros_to_rfc3339(position.commit_ts_micros)),
             op: Some(op.as_str().into()),
-            reason_code: violation.code().into(),
-            reason: violation.to_string(),
-            field: Some(violation.field().to_string()),
-            row: Some(binding.row_json(message, columns)),
+            reason_code: reason.code.into(),
+            reason: reason.reason,
+            field: reason.field,
+            row: reason.row,
             raw_key_base64: None,
             raw_value_base64: None,
             origin: None,
             written_by: self.producer_name.clone(),
             written_at: micros_to_rfc3339(now_micros()),
         };
-        let value = serde_json::to_vec(&record)
-            .map_err(|e| ProducerError::Config(format!("serializing a dead-letter record: {e}")))?;
-        let key =
+        let dead_letter_key =
             format!("{}:{}", table.qualified, record.key.as_ref().map_or_else(|| "?".to_string(), |k| k.to_string()));
-        let code = violation.code();
+        let code = reason.code;
         let metrics = &self.metrics;
         let tag = self.dead_letter_tags[table.index]
             .entry(code)
@@ -275,8 +313,41 @@ impl Emitter {
                 bytes: None,
             })
             .clone();
-        sink.send(self.dead_letter_topic, key.as_bytes(), Some(&value), tag).await?;
+        loop {
+            let value = serde_json::to_vec(&record)
+                .map_err(|e| ProducerError::Config(format!("serializing a dead-letter record: {e}")))?;
+            match sink.send(self.dead_letter_topic, dead_letter_key.as_bytes(), Some(&value), tag.clone()).await {
+                Err(ProducerError::MessageTooLarge { bytes, .. }) if record.row.is_some() => {
+                    record.row = None;
+                    record.reason.push_str(&format!(
+                        " (the row's values are left out: with them this record was {bytes} bytes, over message.max.bytes)"
+                    ));
+                }
+                other => break other?,
+            }
+        }
         position.index += 1;
         Ok(())
+    }
+}
+
+/// What a dead letter says about why a change was set aside.
+struct SetAside {
+    code: &'static str,
+    reason: String,
+    field: Option<String>,
+    row: Option<serde_json::Value>,
+}
+
+/// The reason for a change whose event is over the message size limit.
+fn too_large(bytes: usize, limit: usize) -> SetAside {
+    SetAside {
+        code: "too_large",
+        reason: format!(
+            "the change's event is {bytes} bytes, over the producer's message.max.bytes ({limit}); its values are \
+             left out. Raise kafka.properties.\"message.max.bytes\" with the topics' max.message.bytes to carry such rows"
+        ),
+        field: None,
+        row: None,
     }
 }

@@ -9,7 +9,7 @@
 //!  'U' Update    oid, ['K' key tuple | 'O' old tuple], 'N' tuple
 //!  'D' Delete    oid, 'K' key tuple | 'O' old tuple
 //!  'T' Truncate  n, options, oids
-//!  'Y' Type, 'O' Origin: read and ignored
+//!  'Y' Type, 'O' Origin: read and ignored; any other tag stops the stream (nothing is skipped)
 //!  tuple         n, per column: 'n' null | 'u' unchanged TOAST | 't' len text | 'b' len binary
 //! ```
 //!
@@ -280,7 +280,19 @@ pub fn decode(message: &[u8], tuples: &mut Tuples) -> Result<Change, DecodeError
             }
             Change::Truncate { relations, cascade: options & 1 != 0, restart_identity: options & 2 != 0 }
         }
-        other => Change::Ignored(other),
+        // Type and Origin describe what follows; logical messages (heartbeats) normally
+        // arrive parsed, but are harmless here too.
+        tag @ (b'Y' | b'O' | b'M') => Change::Ignored(tag),
+        // Anything else is a message this decoder does not understand (a newer protocol
+        // version, streamed transactions): skipping it could skip a change, so it stops.
+        other => {
+            return Err(DecodeError(format!(
+                "unknown pgoutput message tag {:?} (0x{other:02x}); nothing past it is confirmed. \
+                 This walcache speaks pgoutput protocol version 1 without streaming: upgrade walcache, \
+                 or report the Postgres version and this message",
+                char::from(other)
+            )));
+        }
     };
     Ok(change)
 }
@@ -328,6 +340,18 @@ pub(crate) mod tests {
             }
             self
         }
+    }
+
+    #[test]
+    fn unknown_tags_stop_the_stream_known_ones_are_skipped() {
+        let mut tuples = Tuples::default();
+        // A stream-start message ('S'): only sent with streaming, which walcache never asks for.
+        let e = decode(&MessageBuilder::default().u8(b'S').i32(7).u8(1).0, &mut tuples).expect_err("unknown tag");
+        assert!(e.to_string().contains("unknown pgoutput message tag 'S'"), "{e}");
+        let origin = MessageBuilder::default().u8(b'O').i32(0).i32(0).cstr("node").0;
+        assert_eq!(decode(&origin, &mut tuples), Ok(Change::Ignored(b'O')));
+        let ty = MessageBuilder::default().u8(b'Y').i32(16500).cstr("public").cstr("mood").0;
+        assert_eq!(decode(&ty, &mut tuples), Ok(Change::Ignored(b'Y')));
     }
 
     #[test]

@@ -24,7 +24,7 @@ use walcache_schemas::{Lsn, Op, Position, ProducerState, now_micros};
 
 use crate::ProducerError;
 use crate::binding::{Binding, TableRuntime};
-use crate::config::{PgConnection, ProducerConfig, SnapshotMode};
+use crate::config::{PINNED_TEXT_SETTINGS, PgConnection, ProducerConfig, SnapshotMode};
 use crate::events::Emitter;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Change, Tuples};
@@ -70,7 +70,19 @@ impl Producer {
         loop {
             let started = Instant::now();
             let span = tracing::info_span!("session", slot = %self.config.postgres.slot);
-            match self.session(&cancel).instrument(span).await {
+            // SIGTERM must end the process within shutdown_timeout even when the session is
+            // stuck waiting on Kafka or Postgres: the drain gets that long, then the session
+            // is dropped (what it had not confirmed is sent again on the next start).
+            let shutdown_timeout = self.config.pipeline.shutdown_timeout;
+            let deadline = async {
+                cancel.cancelled().await;
+                tokio::time::sleep(shutdown_timeout).await;
+            };
+            let outcome = tokio::select! {
+                result = self.session(&cancel).instrument(span) => result,
+                () = deadline => Err(ProducerError::ShutdownDeadline { after: shutdown_timeout }),
+            };
+            match outcome {
                 Ok(()) => return Ok(()),
                 Err(e) if e.is_transient() && !cancel.is_cancelled() => {
                     if started.elapsed() > Duration::from_secs(60) {
@@ -110,7 +122,7 @@ impl Producer {
         .with_wakeup_interval(Duration::from_secs(10))
         .with_buffer_size(8192)
         // Text output the contract parsers expect, whatever the server's defaults.
-        .with_options("-c DateStyle=ISO -c TimeZone=UTC -c extra_float_digits=3 -c bytea_output=hex")
+        .with_options(PINNED_TEXT_SETTINGS)
         .with_application_name(format!("walcache-producer-{}", self.config.postgres.slot))
     }
 
@@ -139,7 +151,10 @@ impl Producer {
 
         check::require_streaming_prerequisites(&control, &self.pg, &self.config, &self.tables).await?;
         let specs: Vec<_> = self.tables.iter().map(|t| t.spec.clone()).collect();
-        control.ensure_publication(&self.config.postgres.publication, &specs).await?;
+        let publication = &self.config.postgres.publication;
+        // Read before the publication is extended: a table that joins a slot which already
+        // streams was never part of its snapshot.
+        let not_yet_published = control.tables_missing_from_publication(publication, &specs).await?;
 
         let kafka = &self.config.kafka;
         let metadata = Metadata::new(kafka, &format!("walcache-producer-{slot}"))?;
@@ -176,6 +191,20 @@ impl Producer {
             }
         }
         let resumable = existing.is_some() && marker.as_ref().is_some_and(|m| m.state == ProducerState::Streaming);
+        if resumable && !not_yet_published.is_empty() {
+            return Err(ProducerError::Prerequisite {
+                problem: format!(
+                    "{} joined the configuration after slot {slot} took its initial snapshot: resuming would stream \
+                     its changes but never copy the rows it already has",
+                    not_yet_published.join(", ")
+                ),
+                fix: format!(
+                    "to copy every table again, stop every producer of this slot and run SELECT pg_drop_replication_slot('{slot}'), \
+                     or give these tables a producer with a slot of their own (postgres.slot)"
+                ),
+            });
+        }
+        control.ensure_publication(publication, &specs).await?;
         let client = if resumable {
             tracing::info!(confirmed = ?existing.as_ref().and_then(|s| s.confirmed_flush), "resuming from the slot's confirmed position");
             let mut client = ReplicationClient::connect(self.replication_config())
@@ -314,6 +343,7 @@ impl Producer {
         let mut stream = Stream {
             producer: self,
             bindings: HashMap::new(),
+            unrouted: HashMap::new(),
             tuples: Tuples::default(),
             tx: None,
             last_queued: Lsn::ZERO,
@@ -382,10 +412,19 @@ async fn background_chores(control: Control, config: ProducerConfig, metrics: Me
     }
 }
 
+/// A relation the stream described that maps to no configured table.
+struct Unrouted {
+    /// Its name now.
+    now: String,
+    /// The configured table it was bound to before (a rename or a move).
+    was: Option<String>,
+}
+
 /// State of the streaming loop.
 struct Stream<'p> {
     producer: &'p Producer,
     bindings: HashMap<u32, Binding>,
+    unrouted: HashMap<u32, Unrouted>,
     tuples: Tuples,
     /// Position of the next change of the open transaction.
     tx: Option<Position>,
@@ -497,6 +536,9 @@ impl Stream<'_> {
             }
             Change::Truncate { relations, .. } => {
                 let mut position = self.open_tx()?;
+                if let Some(oid) = relations.iter().find(|oid| !self.bindings.contains_key(oid)) {
+                    return Err(self.unroutable(*oid));
+                }
                 for oid in relations {
                     if let Some(b) = self.bindings.get(oid) {
                         tracing::warn!(table = %b.table.qualified, lsn = %position.lsn, "table truncated; consumers drop its older rows");
@@ -509,8 +551,7 @@ impl Stream<'_> {
             Change::Ignored(_) => return Ok(()),
         };
         let Some(binding) = self.bindings.get(&relation) else {
-            // A table in the publication that walcache is not configured for.
-            return Ok(());
+            return Err(self.unroutable(relation));
         };
         let mut position = self.open_tx()?;
         let t = &self.tuples;
@@ -537,13 +578,39 @@ impl Stream<'_> {
         })
     }
 
+    /// Why a change of relation `oid` cannot be routed, for the operator.
+    fn unroutable(&self, oid: u32) -> ProducerError {
+        let publication = &self.producer.config.postgres.publication;
+        match self.unrouted.get(&oid) {
+            Some(Unrouted { now, was: Some(was) }) => ProducerError::Unroutable {
+                problem: format!("table {was} is now called {now} (renamed or moved to another schema)"),
+                fix: format!(
+                    "Point tables.table at {now} (and its topic, if it should stay) and restart; or rename the table back"
+                ),
+            },
+            Some(Unrouted { now, was: None }) => ProducerError::Unroutable {
+                problem: format!("publication {publication} publishes {now}, which walcache is not configured for"),
+                fix: format!(
+                    "Add {now} to [[tables]] with its contract, or remove it: ALTER PUBLICATION {publication} DROP TABLE {now}"
+                ),
+            },
+            None => ProducerError::Unroutable {
+                problem: format!("a change arrived for relation oid {oid}, which the stream never described"),
+                fix: "This breaks the pgoutput protocol; restart the producer, and report it if it happens again"
+                    .into(),
+            },
+        }
+    }
+
     fn bind(&mut self, relation: pgoutput::Relation) {
         let qualified = relation.qualified_name();
         let Some(table) = self.producer.tables.iter().find(|t| t.qualified == qualified) else {
-            self.bindings.remove(&relation.oid);
+            let was = self.bindings.remove(&relation.oid).map(|b| b.table.qualified.clone());
+            self.unrouted.insert(relation.oid, Unrouted { now: qualified, was });
             return;
         };
         let oid = relation.oid;
+        self.unrouted.remove(&oid);
         let (binding, warnings) = Binding::new(Arc::clone(table), relation);
         for w in warnings {
             self.producer.metrics.schema_warnings.with_label_values(&[&table.qualified, w.kind()]).inc();

@@ -129,21 +129,36 @@ impl Control {
     pub async fn ensure_publication(&self, name: &str, tables: &[TableSpec]) -> Result<(), ProducerError> {
         let exists = self
             .client
-            .query_opt("SELECT puballtables FROM pg_publication WHERE pubname = $1", &[&name])
+            .query_opt("SELECT puballtables, pubviaroot FROM pg_publication WHERE pubname = $1", &[&name])
             .await
             .map_err(|e| ProducerError::pg("reading pg_publication", e))?;
         let quoted = |t: &TableSpec| format!("{}.{}", quote_ident(&t.schema), quote_ident(&t.name));
         match exists {
             None => {
+                // Via the root: a partitioned table's changes arrive under its own name (and
+                // its snapshot copies the root), not under the names of its partitions.
                 let list = tables.iter().map(quoted).collect::<Vec<_>>().join(", ");
                 self.client
-                    .batch_execute(&format!("CREATE PUBLICATION {} FOR TABLE {list}", quote_ident(name)))
+                    .batch_execute(&format!(
+                        "CREATE PUBLICATION {} FOR TABLE {list} WITH (publish_via_partition_root = true)",
+                        quote_ident(name)
+                    ))
                     .await
                     .map_err(|e| publication_error(name, e))?;
                 tracing::info!(publication = name, "created publication");
             }
             Some(row) if row.get::<_, bool>(0) => {}
-            Some(_) => {
+            Some(row) => {
+                if !row.get::<_, bool>(1) && self.any_partitioned(tables).await? {
+                    self.client
+                        .batch_execute(&format!(
+                            "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                            quote_ident(name)
+                        ))
+                        .await
+                        .map_err(|e| publication_error(name, e))?;
+                    tracing::info!(publication = name, "publication now publishes partitioned tables via their root");
+                }
                 for t in tables {
                     let present = self
                         .client
@@ -164,6 +179,56 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    /// The configured tables publication `name` does not publish (all of them when it does
+    /// not exist). On a slot that already streams, such a table's existing rows were never
+    /// copied.
+    pub async fn tables_missing_from_publication(
+        &self,
+        name: &str,
+        tables: &[TableSpec],
+    ) -> Result<Vec<String>, ProducerError> {
+        let mut missing = Vec::new();
+        for t in tables {
+            // pg_publication_tables lists a partitioned table under its root only when the
+            // publication publishes via the root; either way the table itself is covered.
+            let listed = self
+                .client
+                .query_opt(
+                    "SELECT 1 FROM pg_publication p \
+                     WHERE p.pubname = $1 AND (p.puballtables OR EXISTS ( \
+                       SELECT 1 FROM pg_publication_rel r JOIN pg_class c ON c.oid = r.prrelid \
+                       JOIN pg_namespace n ON n.oid = c.relnamespace \
+                       WHERE r.prpubid = p.oid AND n.nspname = $2 AND c.relname = $3))",
+                    &[&name, &t.schema, &t.name],
+                )
+                .await
+                .map_err(|e| ProducerError::pg("reading the publication's tables", e))?;
+            if listed.is_none() {
+                missing.push(t.qualified());
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Whether any of `tables` is partitioned.
+    async fn any_partitioned(&self, tables: &[TableSpec]) -> Result<bool, ProducerError> {
+        for t in tables {
+            let row = self
+                .client
+                .query_opt(
+                    "SELECT c.relkind = 'p' FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = $1 AND c.relname = $2",
+                    &[&t.schema, &t.name],
+                )
+                .await
+                .map_err(|e| ProducerError::pg("reading pg_class", e))?;
+            if row.is_some_and(|r| r.get::<_, bool>(0)) {
+                return Ok(true);
+            }
+        }
+        Ok(false)
     }
 
     /// Writes a heartbeat through the WAL: a transactional logical message, so it reaches the

@@ -94,8 +94,12 @@ pub struct Sink {
     watermark_deliveries: VecDeque<DeliveryFuture>,
     watermark_topic: String,
     producer_name: String,
+    max_message_bytes: usize,
     metrics: Metrics,
 }
+
+/// librdkafka's default `message.max.bytes`.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_000_000;
 
 impl std::fmt::Debug for Sink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -142,6 +146,8 @@ impl Sink {
                 ),
             ],
         )?;
+        let max_message_bytes =
+            cfg.get("message.max.bytes").and_then(|v| v.parse().ok()).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
         let producer: FutureProducer = cfg.create().map_err(|e| {
             ProducerError::Common(walcache_common::CommonError::Config(format!("creating the Kafka producer: {e}")))
         })?;
@@ -156,8 +162,14 @@ impl Sink {
             watermark_deliveries: VecDeque::new(),
             watermark_topic: watermark_topic.to_string(),
             producer_name: producer_name.to_string(),
+            max_message_bytes,
             metrics,
         })
+    }
+
+    /// The largest message this sink may send (`message.max.bytes`), for messages.
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
     }
 
     /// Starts the per-partition offsets at the topics' current high watermarks: whatever is
@@ -241,11 +253,31 @@ impl Sink {
                         self.wait_completions().await?;
                     }
                 }
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge), _)) => {
+                    return Err(ProducerError::MessageTooLarge {
+                        topic: self.topics[topic].clone(),
+                        bytes: key.len() + value.map_or(0, <[u8]>::len),
+                    });
+                }
                 Err((source, _)) => {
-                    return Err(ProducerError::Delivery { topic: self.topics[topic].clone(), source });
+                    return Err(self.delivery_error(self.topics[topic].clone(), source));
                 }
             }
         }
+    }
+
+    /// A failed delivery as an error. librdkafka reports a broker's permanent refusal under
+    /// idempotence as a generic fatal error; its real cause decides whether a new session can
+    /// help.
+    fn delivery_error(&self, topic: String, source: KafkaError) -> ProducerError {
+        if source.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
+            || matches!(source, KafkaError::MessageProduction(RDKafkaErrorCode::Fatal))
+        {
+            let cause = self.producer.client().fatal_error().map_or_else(|| source.to_string(), |(_, text)| text);
+            let definite = crate::error::fatal_cause_is_definite(&cause);
+            return ProducerError::KafkaFatal { topic, cause, definite };
+        }
+        ProducerError::Delivery { topic, source }
     }
 
     /// Queues a position; it completes once everything queued before it is acknowledged.
@@ -303,10 +335,8 @@ impl Sink {
                         done += 1;
                     }
                     Poll::Ready(Ok(Err((source, _)))) => {
-                        return Poll::Ready(Err(ProducerError::Delivery {
-                            topic: self.topics[*topic].clone(),
-                            source,
-                        }));
+                        let topic = self.topics[*topic].clone();
+                        return Poll::Ready(Err(self.delivery_error(topic, source)));
                     }
                     Poll::Ready(Err(_canceled)) => {
                         return Poll::Ready(Err(ProducerError::Delivery {
@@ -367,7 +397,7 @@ impl Sink {
         let future = self
             .producer
             .send_result(record)
-            .map_err(|(source, _)| ProducerError::Delivery { topic: self.watermark_topic.clone(), source })?;
+            .map_err(|(source, _)| self.delivery_error(self.watermark_topic.clone(), source))?;
         let kind = match watermark.state {
             ProducerState::Snapshotting => "snapshotting",
             ProducerState::Streaming => "streaming",
@@ -376,7 +406,7 @@ impl Sink {
         if wait {
             match future.await {
                 Ok(Ok(_)) => Ok(()),
-                Ok(Err((source, _))) => Err(ProducerError::Delivery { topic: self.watermark_topic.clone(), source }),
+                Ok(Err((source, _))) => Err(self.delivery_error(self.watermark_topic.clone(), source)),
                 Err(_) => {
                     Err(ProducerError::Delivery { topic: self.watermark_topic.clone(), source: KafkaError::Canceled })
                 }

@@ -67,17 +67,30 @@ pub async fn copy_table(
             .map_err(|e| ProducerError::pg("opening the exported snapshot", e))?;
         let qualified = format!("{}.{}", quote_ident(&table.spec.schema), quote_ident(&table.spec.name));
         let relation = relation_of(&client, table, &qualified).await?;
-        let estimate: f64 = client
-            .query_one("SELECT greatest(reltuples, 0)::float8 FROM pg_class WHERE oid = $1::text::regclass", &[&qualified])
+        // A partitioned table's own reltuples is -1 or 0: its rows are counted in its leaves.
+        let size = client
+            .query_one(
+                "SELECT c.relkind = 'p', \
+                        (SELECT coalesce(sum(greatest(l.reltuples, 0)), 0)::float8 \
+                         FROM pg_partition_tree(c.oid) t JOIN pg_class l ON l.oid = t.relid WHERE t.isleaf) \
+                 FROM pg_class c WHERE c.oid = $1::text::regclass",
+                &[&qualified],
+            )
             .await
-            .map_err(|e| ProducerError::pg("estimating the table size", e))?
-            .get(0);
+            .map_err(|e| ProducerError::pg("estimating the table size", e))?;
+        let (partitioned, estimate): (bool, f64) = (size.get(0), size.get(1));
+        // The columns pgoutput streams, in its order, so one binding reads both. A query
+        // rather than `COPY table`: it works on partitioned tables (their rows live in the
+        // partitions), and ONLY keeps a plain table's inheritance children out, as pgoutput
+        // does.
+        let column_list = relation.columns.iter().map(|c| quote_ident(&c.name)).collect::<Vec<_>>().join(", ");
+        let only = if partitioned { "" } else { "ONLY " };
         let (binding, warnings) = Binding::new(Arc::clone(table), relation);
         for w in &warnings {
             tracing::warn!(table = %table.qualified, warning = ?w, "table does not match its contract");
         }
         let stream = client
-            .copy_out(&format!("COPY {qualified} TO STDOUT"))
+            .copy_out(&format!("COPY (SELECT {column_list} FROM {only}{qualified}) TO STDOUT"))
             .await
             .map_err(|e| ProducerError::pg(format!("starting COPY of {}", table.qualified), e))?;
         let mut stream = std::pin::pin!(stream);
@@ -144,7 +157,9 @@ pub async fn copy_table(
     result
 }
 
-/// The table's columns as pgoutput would describe them, read inside the snapshot.
+/// The table's columns as pgoutput would describe them, read inside the snapshot: without
+/// dropped and generated columns (pgoutput does not stream generated columns before
+/// Postgres 18, and COPY of a table leaves them out).
 async fn relation_of(
     client: &tokio_postgres::Client,
     table: &TableRuntime,
@@ -157,6 +172,7 @@ async fn relation_of(
              FROM pg_attribute a \
              LEFT JOIN pg_index i ON i.indrelid = a.attrelid AND i.indisprimary \
              WHERE a.attrelid = $1::text::regclass AND a.attnum > 0 AND NOT a.attisdropped \
+               AND a.attgenerated = '' \
              ORDER BY a.attnum",
             &[&qualified],
         )

@@ -166,6 +166,14 @@ impl InProcess {
     pub fn is_finished(&self) -> bool {
         self.handle.is_finished()
     }
+
+    /// Waits for the producer to stop on its own (a definite error), up to `timeout`.
+    pub async fn exited(self, timeout: Duration) -> Result<(), ProducerError> {
+        match tokio::time::timeout(timeout, self.handle).await {
+            Ok(joined) => joined.expect("producer task"),
+            Err(_) => panic!("the producer was still running after {timeout:?}"),
+        }
+    }
 }
 
 /// The producer binary running as a child process.
