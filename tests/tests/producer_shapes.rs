@@ -202,8 +202,7 @@ async fn a_row_over_the_message_limit_is_set_aside_and_the_pipeline_moves_on() {
     client.batch_execute(&big(901, "4.5")).await.expect("big row");
     client.batch_execute(&big(902, "NULL")).await.expect("big row breaking the contract");
     client.batch_execute("UPDATE courier_performance SET deliveries = 77 WHERE courier_id = 1").await.expect("after");
-    let after: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await.expect("lsn").get(0);
-    let after: walcache_schemas::Lsn = after.parse().expect("lsn");
+    let after = db.current_lsn().await;
 
     // Everything else arrives; the three big rows do not (they are not in the view).
     converge_to(&p, || async {
@@ -243,13 +242,7 @@ async fn a_renamed_table_stops_the_producer_before_its_changes_are_confirmed() {
     producer.wait_ready(Duration::from_secs(60)).await;
     let client = db.client().await;
     client.batch_execute("UPDATE courier_performance SET deliveries = 1 WHERE courier_id = 1").await.expect("before");
-    let before: walcache_schemas::Lsn = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("lsn")
-        .get::<_, String>(0)
-        .parse()
-        .expect("lsn");
+    let before = db.current_lsn().await;
     wait_for("the change before the rename to be confirmed", Duration::from_secs(60), || async {
         db.slot_confirmed(&p.slot).await.filter(|c| *c >= before)
     })
@@ -261,13 +254,7 @@ async fn a_renamed_table_stops_the_producer_before_its_changes_are_confirmed() {
         )
         .await
         .expect("rename and change");
-    let change: walcache_schemas::Lsn = client
-        .query_one("SELECT pg_current_wal_lsn()::text", &[])
-        .await
-        .expect("lsn")
-        .get::<_, String>(0)
-        .parse()
-        .expect("lsn");
+    let change = db.current_lsn().await;
     let error = producer.exited(Duration::from_secs(60)).await.expect_err("the producer stops");
     assert!(matches!(error, ProducerError::Unroutable { .. }), "{error}");
     let message = error.to_string();
