@@ -2,11 +2,12 @@
 //!
 //! librdkafka's metadata and watermark calls block, so they run on the blocking pool.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::types::RDKafkaErrorCode;
@@ -199,6 +200,14 @@ pub async fn ensure_topics(kafka: &KafkaConfig, metadata: &Metadata, specs: &[To
         match result {
             Ok(name) => tracing::info!(topic = %name, "created topic"),
             Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((name, RDKafkaErrorCode::InvalidReplicationFactor)) => {
+                let asked = missing.iter().find(|s| s.name == name).map_or(0, |s| s.replication_factor);
+                return Err(CommonError::Config(format!(
+                    "creating topic {name}: the cluster has fewer brokers than the replication factor {asked}; \
+                     for a smaller cluster set topics.replication_factor (and topics.min_insync_replicas) knowingly, \
+                     or create the topics yourself"
+                )));
+            }
             Err((name, code)) => {
                 return Err(CommonError::kafka(
                     format!("creating topic {name}"),
@@ -220,6 +229,61 @@ pub async fn ensure_topics(kafka: &KafkaConfig, metadata: &Metadata, specs: &[To
         }
     }
     Ok(())
+}
+
+/// What the cluster says about an existing topic, for `check`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFacts {
+    pub partitions: usize,
+    /// The smallest replica count of any partition.
+    pub replication_factor: usize,
+    /// The topic's effective configs (`cleanup.policy`, `min.insync.replicas`, ...); empty when
+    /// the brokers would not describe them.
+    pub configs: BTreeMap<String, String>,
+    /// Why the configs could not be read, if they could not.
+    pub configs_unreadable: Option<String>,
+}
+
+/// Describes `topic`, or `None` when it does not exist.
+pub async fn describe_topic(
+    kafka: &KafkaConfig,
+    metadata: &Metadata,
+    topic: &str,
+) -> Result<Option<TopicFacts>, CommonError> {
+    let consumer = Arc::clone(&metadata.consumer);
+    let (name, timeout) = (topic.to_string(), metadata.timeout);
+    let fetched = tokio::task::spawn_blocking(move || consumer.fetch_metadata(Some(&name), timeout))
+        .await
+        .map_err(|e| CommonError::Config(format!("metadata task failed: {e}")))?
+        .map_err(|e| CommonError::kafka(format!("fetching metadata of topic {topic}"), e))?;
+    let Some(t) = fetched.topics().iter().find(|t| t.name() == topic && t.error().is_none()) else {
+        return Ok(None);
+    };
+    if t.partitions().is_empty() {
+        return Ok(None);
+    }
+    let replication_factor = t.partitions().iter().map(|p| p.replicas().len()).min().unwrap_or(0);
+    let mut facts = TopicFacts {
+        partitions: t.partitions().len(),
+        replication_factor,
+        configs: BTreeMap::new(),
+        configs_unreadable: None,
+    };
+    let admin: AdminClient<DefaultClientContext> =
+        client_config(kafka, &[], &[])?.create().map_err(|e| CommonError::kafka("creating an admin client", e))?;
+    let opts = AdminOptions::new().request_timeout(Some(kafka.request_timeout));
+    match admin.describe_configs(&[ResourceSpecifier::Topic(topic)], &opts).await {
+        Ok(results) => match results.into_iter().next() {
+            Some(Ok(resource)) => {
+                facts.configs =
+                    resource.entries.into_iter().filter_map(|e| Some((e.name, e.value?))).collect::<BTreeMap<_, _>>();
+            }
+            Some(Err(code)) => facts.configs_unreadable = Some(code.to_string()),
+            None => facts.configs_unreadable = Some("no answer".into()),
+        },
+        Err(e) => facts.configs_unreadable = Some(e.to_string()),
+    }
+    Ok(Some(facts))
 }
 
 /// One record read back from a topic.

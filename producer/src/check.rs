@@ -7,7 +7,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use walcache_common::kafka::Metadata;
+use walcache_common::kafka::{Metadata, TopicFacts, describe_topic};
 use walcache_schemas::FieldKind;
 
 use crate::ProducerError;
@@ -460,24 +460,88 @@ async fn kafka_checks(config: &ProducerConfig, tables: &[Arc<TableRuntime>], rep
             return;
         }
     }
-    for table in tables {
-        match metadata.partitions(&table.spec.topic).await {
-            Ok(p) if p.is_empty() => report.ok(format!(
-                "topic {} will be created ({} partitions, compacted)",
-                table.spec.topic, config.topics.partitions
+    let t = &config.topics;
+    let mut topics: Vec<(&str, &str)> = tables.iter().map(|table| (table.spec.topic.as_str(), "compact")).collect();
+    topics.push((t.watermarks.as_str(), "compact"));
+    topics.push((t.dead_letter.as_str(), "delete"));
+    for (topic, policy) in topics {
+        match describe_topic(kafka, &metadata, topic).await {
+            Ok(None) => report.ok(format!(
+                "topic {topic} will be created ({} partitions, replication factor {}, min.insync.replicas {}, {policy})",
+                if policy == "compact" && topic != t.watermarks { t.partitions } else { 1 },
+                t.replication_factor,
+                t.effective_min_insync_replicas()
             )),
-            Ok(p) if p.len() as i32 != config.topics.partitions => report.add(
-                Level::Warn,
-                format!(
-                    "topic {} has {} partitions, the configuration says {}",
-                    table.spec.topic,
-                    p.len(),
-                    config.topics.partitions
-                ),
-                "existing topics are left as they are; the partition count only matters at creation",
-            ),
-            Ok(_) => report.ok(format!("topic {} exists", table.spec.topic)),
-            Err(e) => report.add(Level::Warn, format!("cannot describe topic {}: {e}", table.spec.topic), ""),
+            Ok(Some(facts)) => existing_topic_checks(config, topic, policy, &facts, report),
+            Err(e) => report.add(Level::Warn, format!("cannot describe topic {topic}: {e}"), ""),
         }
+    }
+}
+
+/// What is unsafe about a topic that already exists: walcache leaves existing topics as they
+/// are, so `check` is where an operator learns that acks=all means one copy, or that a table
+/// topic deletes rows a restoring consumer needs.
+fn existing_topic_checks(config: &ProducerConfig, topic: &str, policy: &str, facts: &TopicFacts, report: &mut Report) {
+    let t = &config.topics;
+    let alter = |setting: &str| {
+        format!("kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config {setting}")
+    };
+    let mut problems = 0;
+    if policy == "compact" && topic != t.watermarks && facts.partitions as i32 != t.partitions {
+        report.add(
+            Level::Warn,
+            format!("topic {topic} has {} partitions, the configuration says {}", facts.partitions, t.partitions),
+            "existing topics are left as they are; the partition count only matters at creation",
+        );
+        problems += 1;
+    }
+    if (facts.replication_factor as i32) < t.replication_factor {
+        report.add(
+            Level::Warn,
+            format!(
+                "topic {topic} has replication factor {}, below topics.replication_factor ({}): losing {} broker(s) loses changes already confirmed to Postgres",
+                facts.replication_factor,
+                t.replication_factor,
+                facts.replication_factor
+            ),
+            "reassign its partitions to more brokers (kafka-reassign-partitions.sh), or lower topics.replication_factor knowingly",
+        );
+        problems += 1;
+    }
+    if let Some(why) = &facts.configs_unreadable {
+        report.add(
+            Level::Warn,
+            format!(
+                "cannot read the configs of topic {topic} ({why}): cleanup.policy and min.insync.replicas unchecked"
+            ),
+            "grant DescribeConfigs on the topic to this principal",
+        );
+        return;
+    }
+    let actual_policy = facts.configs.get("cleanup.policy").map_or("delete", String::as_str);
+    if policy == "compact" && !actual_policy.split(',').any(|p| p.trim() == "compact") {
+        report.add(
+            Level::Fail,
+            format!(
+                "topic {topic} has cleanup.policy={actual_policy}: rows older than its retention vanish, and a consumer restoring from it builds an incomplete view"
+            ),
+            alter("cleanup.policy=compact"),
+        );
+        problems += 1;
+    }
+    let min_isr: i32 = facts.configs.get("min.insync.replicas").and_then(|v| v.parse().ok()).unwrap_or(1);
+    if facts.replication_factor >= 2 && min_isr < 2 {
+        report.add(
+            Level::Warn,
+            format!("topic {topic} has min.insync.replicas={min_isr}: acks=all is satisfied by a single copy"),
+            alter("min.insync.replicas=2"),
+        );
+        problems += 1;
+    }
+    if problems == 0 {
+        report.ok(format!(
+            "topic {topic} exists ({} partitions, replication factor {}, min.insync.replicas {min_isr}, {actual_policy})",
+            facts.partitions, facts.replication_factor
+        ));
     }
 }

@@ -78,7 +78,12 @@ pub struct TopicsConfig {
     pub prefix: String,
     /// Partitions of table topics created by walcache.
     pub partitions: i32,
+    /// Replicas of topics walcache creates. 3 by default: with `acks=all` a change is
+    /// confirmed to Postgres only once every in-sync replica has it.
     pub replication_factor: i32,
+    /// `min.insync.replicas` of topics walcache creates (default: 2, or 1 when the
+    /// replication factor is below 3), so `acks=all` means at least this many copies.
+    pub min_insync_replicas: Option<i32>,
     pub watermarks: String,
     pub dead_letter: String,
 }
@@ -88,10 +93,18 @@ impl Default for TopicsConfig {
         TopicsConfig {
             prefix: "incentives".into(),
             partitions: 6,
-            replication_factor: 1,
+            replication_factor: 3,
+            min_insync_replicas: None,
             watermarks: "walcache.watermarks".into(),
             dead_letter: "walcache.dlq".into(),
         }
+    }
+}
+
+impl TopicsConfig {
+    /// The `min.insync.replicas` walcache sets on topics it creates.
+    pub fn effective_min_insync_replicas(&self) -> i32 {
+        self.min_insync_replicas.unwrap_or(if self.replication_factor >= 3 { 2 } else { 1 })
     }
 }
 
@@ -243,6 +256,14 @@ impl ProducerConfig {
             return Err(ProducerError::Config(
                 "topics.partitions and topics.replication_factor must be at least 1".into(),
             ));
+        }
+        let min_isr = self.topics.effective_min_insync_replicas();
+        if min_isr < 1 || min_isr > self.topics.replication_factor {
+            return Err(ProducerError::Config(format!(
+                "topics.min_insync_replicas = {min_isr} must be between 1 and topics.replication_factor ({}); \
+                 above it no write could ever be acknowledged",
+                self.topics.replication_factor
+            )));
         }
         if self.pipeline.max_in_flight < 1 {
             return Err(ProducerError::Config("pipeline.max_in_flight must be at least 1".into()));
@@ -398,6 +419,19 @@ mod tests {
             ))
             .extract::<ProducerConfig>();
         assert!(unknown.expect_err("unknown field").to_string().contains("slott"));
+    }
+
+    #[test]
+    fn topics_are_durable_by_default_and_min_isr_fits_the_replicas() {
+        let cfg = base();
+        assert_eq!((cfg.topics.replication_factor, cfg.topics.effective_min_insync_replicas()), (3, 2));
+        let mut cfg = base();
+        cfg.topics.replication_factor = 1;
+        assert_eq!(cfg.topics.effective_min_insync_replicas(), 1, "a local single broker lowers both explicitly");
+        cfg.validate().expect("valid");
+        cfg.topics.min_insync_replicas = Some(2);
+        let e = cfg.validate().expect_err("more in-sync replicas than replicas").to_string();
+        assert!(e.contains("topics.min_insync_replicas = 2"), "{e}");
     }
 
     #[test]

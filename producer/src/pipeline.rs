@@ -228,6 +228,7 @@ impl Producer {
 
     fn topic_specs(&self) -> Vec<TopicSpec> {
         let t = &self.config.topics;
+        let min_isr = ("min.insync.replicas".to_string(), t.effective_min_insync_replicas().to_string());
         let mut specs: Vec<TopicSpec> = self
             .tables
             .iter()
@@ -235,20 +236,20 @@ impl Producer {
                 name: table.spec.topic.clone(),
                 partitions: t.partitions,
                 replication_factor: t.replication_factor,
-                configs: vec![("cleanup.policy".into(), "compact".into())],
+                configs: vec![("cleanup.policy".into(), "compact".into()), min_isr.clone()],
             })
             .collect();
         specs.push(TopicSpec {
             name: t.watermarks.clone(),
             partitions: 1,
             replication_factor: t.replication_factor,
-            configs: vec![("cleanup.policy".into(), "compact".into())],
+            configs: vec![("cleanup.policy".into(), "compact".into()), min_isr.clone()],
         });
         specs.push(TopicSpec {
             name: t.dead_letter.clone(),
             partitions: 1,
             replication_factor: t.replication_factor,
-            configs: vec![("cleanup.policy".into(), "delete".into())],
+            configs: vec![("cleanup.policy".into(), "delete".into()), min_isr],
         });
         specs
     }

@@ -360,3 +360,37 @@ async fn a_definite_kafka_error_stops_the_producer_instead_of_replaying_for_ever
     assert!(error.to_string().contains("uthorization"), "{error}");
     assert_eq!(metrics.restarts.with_label_values(&["transient"]).get(), 0, "no session was replayed");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_says_what_is_unsafe_about_existing_topics() {
+    use walcache_common::kafka::{Metadata, TopicSpec, ensure_topics};
+    use walcache_producer::check::{Level, run_check};
+    let db = TestDb::create().await;
+    db.seed(1, 5).await;
+    let p = Pipeline::new(&db);
+    let mut config = p.config();
+    // Someone created the table topic by hand with the broker's default policy.
+    let metadata = Metadata::new(&config.kafka, "walcache-test").expect("metadata");
+    let by_hand = TopicSpec {
+        name: p.topic.clone(),
+        partitions: p.partitions,
+        replication_factor: 1,
+        configs: vec![("cleanup.policy".into(), "delete".into())],
+    };
+    ensure_topics(&config.kafka, &metadata, &[by_hand]).await.expect("create the topic");
+    let report = run_check(&config).await;
+    let text = report.to_string();
+    let fail = report.findings.iter().find(|f| f.level == Level::Fail).unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        fail.problem.contains(&format!("topic {} has cleanup.policy=delete", p.topic))
+            && fail.fix.contains("--add-config cleanup.policy=compact"),
+        "{text}"
+    );
+    // The production default asks for three replicas: a one-broker topic is called out.
+    config.topics.replication_factor = 3;
+    let text = run_check(&config).await.to_string();
+    assert!(
+        text.contains(&format!("WARN topic {} has replication factor 1, below topics.replication_factor (3)", p.topic)),
+        "{text}"
+    );
+}
