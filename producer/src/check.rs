@@ -461,18 +461,19 @@ async fn kafka_checks(config: &ProducerConfig, tables: &[Arc<TableRuntime>], rep
         }
     }
     let t = &config.topics;
-    let mut topics: Vec<(&str, &str)> = tables.iter().map(|table| (table.spec.topic.as_str(), "compact")).collect();
-    topics.push((t.watermarks.as_str(), "compact"));
-    topics.push((t.dead_letter.as_str(), "delete"));
-    for (topic, policy) in topics {
+    // (topic, the cleanup policy it needs, the partitions walcache gives it)
+    let mut topics: Vec<(&str, &str, i32)> =
+        tables.iter().map(|table| (table.spec.topic.as_str(), "compact", t.partitions)).collect();
+    topics.push((t.watermarks.as_str(), "compact", 1));
+    topics.push((t.dead_letter.as_str(), "delete", 1));
+    for (topic, policy, partitions) in topics {
         match describe_topic(kafka, &metadata, topic).await {
             Ok(None) => report.ok(format!(
-                "topic {topic} will be created ({} partitions, replication factor {}, min.insync.replicas {}, {policy})",
-                if policy == "compact" && topic != t.watermarks { t.partitions } else { 1 },
+                "topic {topic} will be created ({partitions} partitions, replication factor {}, min.insync.replicas {}, {policy})",
                 t.replication_factor,
                 t.effective_min_insync_replicas()
             )),
-            Ok(Some(facts)) => existing_topic_checks(config, topic, policy, &facts, report),
+            Ok(Some(facts)) => existing_topic_checks(config, topic, policy, partitions, &facts, report),
             Err(e) => report.add(Level::Warn, format!("cannot describe topic {topic}: {e}"), ""),
         }
     }
@@ -481,16 +482,23 @@ async fn kafka_checks(config: &ProducerConfig, tables: &[Arc<TableRuntime>], rep
 /// What is unsafe about a topic that already exists: walcache leaves existing topics as they
 /// are, so `check` is where an operator learns that acks=all means one copy, or that a table
 /// topic deletes rows a restoring consumer needs.
-fn existing_topic_checks(config: &ProducerConfig, topic: &str, policy: &str, facts: &TopicFacts, report: &mut Report) {
+fn existing_topic_checks(
+    config: &ProducerConfig,
+    topic: &str,
+    policy: &str,
+    partitions: i32,
+    facts: &TopicFacts,
+    report: &mut Report,
+) {
     let t = &config.topics;
     let alter = |setting: &str| {
         format!("kafka-configs.sh --alter --entity-type topics --entity-name {topic} --add-config {setting}")
     };
     let mut problems = 0;
-    if policy == "compact" && topic != t.watermarks && facts.partitions as i32 != t.partitions {
+    if facts.partitions as i32 != partitions {
         report.add(
             Level::Warn,
-            format!("topic {topic} has {} partitions, the configuration says {}", facts.partitions, t.partitions),
+            format!("topic {topic} has {} partitions, walcache would create it with {partitions}", facts.partitions),
             "existing topics are left as they are; the partition count only matters at creation",
         );
         problems += 1;

@@ -9,6 +9,7 @@
 
 use pgwire_replication::PgWireError;
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use walcache_common::CommonError;
 use walcache_schemas::SchemaError;
 
@@ -125,40 +126,8 @@ impl ProducerError {
 /// same way again, so restarting the session would replay the same changes for ever while
 /// WAL piles up on the primary. Everything else (timeouts, leader moves, brokers down,
 /// not enough replicas) is transient.
-pub(crate) fn kafka_error_is_definite(e: &KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    let code = match e {
-        KafkaError::MessageProduction(c) => Some(*c),
-        KafkaError::ClientCreation(_) => return true,
-        other => other.rdkafka_error_code(),
-    };
-    matches!(
-        code,
-        Some(
-            C::MessageSizeTooLarge
-                | C::InvalidMessageSize
-                | C::TopicAuthorizationFailed
-                | C::ClusterAuthorizationFailed
-                | C::TransactionalIdAuthorizationFailed
-                | C::SaslAuthenticationFailed
-                | C::Authentication
-                | C::UnknownTopicOrPartition
-                | C::UnknownTopic
-                | C::InvalidConfig
-                | C::InvalidRequiredAcks
-                | C::InvalidTopic
-                | C::UnsupportedVersion
-                | C::UnsupportedForMessageFormat
-                | C::PolicyViolation
-                | C::InvalidRecord
-        )
-    )
-}
-
-/// Whether librdkafka's account of a fatal error names a definite broker error (it quotes
-/// the broker's error text, such as "Broker: Topic authorization failed").
-pub(crate) fn fatal_cause_is_definite(cause: &str) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
+const DEFINITE_KAFKA_ERRORS: [RDKafkaErrorCode; 17] = {
+    use RDKafkaErrorCode as C;
     [
         C::MessageSizeTooLarge,
         C::InvalidMessageSize,
@@ -166,16 +135,32 @@ pub(crate) fn fatal_cause_is_definite(cause: &str) -> bool {
         C::ClusterAuthorizationFailed,
         C::TransactionalIdAuthorizationFailed,
         C::SaslAuthenticationFailed,
+        C::Authentication,
         C::UnknownTopicOrPartition,
+        C::UnknownTopic,
         C::InvalidConfig,
         C::InvalidRequiredAcks,
         C::InvalidTopic,
+        C::UnsupportedVersion,
         C::UnsupportedForMessageFormat,
         C::PolicyViolation,
         C::InvalidRecord,
+        C::InvalidReplicationFactor,
     ]
-    .iter()
-    .any(|code| {
+};
+
+/// Whether a Kafka error is one [`DEFINITE_KAFKA_ERRORS`] names (or the client could not be
+/// created at all).
+pub(crate) fn kafka_error_is_definite(e: &KafkaError) -> bool {
+    matches!(e, KafkaError::ClientCreation(_))
+        || e.rdkafka_error_code().is_some_and(|code| DEFINITE_KAFKA_ERRORS.contains(&code))
+}
+
+/// Whether librdkafka's account of a fatal error names a definite broker error: under
+/// idempotence it reports a permanent refusal as a generic fatal error quoting the broker's
+/// text, such as "Broker: Topic authorization failed".
+pub(crate) fn fatal_cause_is_definite(cause: &str) -> bool {
+    DEFINITE_KAFKA_ERRORS.iter().any(|code| {
         // Displayed as "TopicAuthorizationFailed (Broker: Topic authorization failed)"; the
         // fatal error quotes the part in brackets.
         let shown = code.to_string();

@@ -121,36 +121,52 @@ impl Emitter {
         self.key_message.clear();
         self.key_message.extend_from_slice(&table.spec.contract.key.header);
         self.key_message.extend_from_slice(&self.key);
-        // `before` is optional: a message too large with it is sent without it; one too large
-        // without it is set aside, without values, as a dead letter small enough to deliver.
-        for include_before in [true, false] {
-            if !include_before && !with_before {
-                break;
+        match self.send_event(sink, &table, op, with_before, true, position).await {
+            Ok(()) => {
+                position.index += 1;
+                Ok(())
             }
-            let before = (include_before && with_before).then_some(&self.before[..]);
+            // Even without `before` it does not fit: set aside, without values, as a dead
+            // letter small enough to deliver (set_aside advances the position).
+            Err(ProducerError::MessageTooLarge { bytes, .. }) => {
+                let key = binding.key_json(message, new);
+                self.set_aside(sink, binding, op, key, position, too_large(bytes, sink.max_message_bytes())).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Sends the envelope of the key in `self.key_message`: `before` from `self.before` when
+    /// `with_before`, `after` from `self.row` when `with_after`. `before` is optional, so an
+    /// envelope too large with it goes without it; `MessageTooLarge` means it does not fit
+    /// even then. Does not advance `position` (the caller decides what else belongs to it).
+    async fn send_event(
+        &mut self,
+        sink: &mut Sink,
+        table: &TableRuntime,
+        op: Op,
+        with_before: bool,
+        with_after: bool,
+        position: &Position,
+    ) -> Result<(), ProducerError> {
+        let mut include_before = with_before;
+        loop {
             self.message.clear();
             write_envelope(
                 &mut self.message,
                 &table.version.doc.header,
                 op,
-                before,
-                Some(&self.row),
+                include_before.then_some(&self.before[..]),
+                with_after.then_some(&self.row[..]),
                 position,
                 &table.qualified,
             );
-            let tag = self.tag(&table, op);
+            let tag = self.tag(table, op);
             match sink.send(table.index, &self.key_message, Some(&self.message), tag).await {
-                Ok(()) => {
-                    position.index += 1;
-                    return Ok(());
-                }
-                Err(ProducerError::MessageTooLarge { .. }) => continue,
-                Err(e) => return Err(e),
+                Err(ProducerError::MessageTooLarge { .. }) if include_before => include_before = false,
+                other => return other,
             }
         }
-        let bytes = self.key_message.len() + self.message.len();
-        let key = binding.key_json(message, new);
-        self.set_aside(sink, binding, op, key, position, too_large(bytes, sink.max_message_bytes())).await
     }
 
     /// A delete: key from the old tuple (key columns or the full row).
@@ -185,26 +201,8 @@ impl Emitter {
         self.key_message.clear();
         self.key_message.extend_from_slice(&table.spec.contract.key.header);
         self.key_message.extend_from_slice(&self.key);
-        // A delete must reach consumers: when its old row makes it too large, it goes
-        // without `before` (a key and a position are all a delete needs).
-        let mut include_before = with_before;
-        loop {
-            self.message.clear();
-            write_envelope(
-                &mut self.message,
-                &table.version.doc.header,
-                Op::Delete,
-                include_before.then_some(&self.before[..]),
-                None,
-                position,
-                &table.qualified,
-            );
-            let tag = self.tag(&table, Op::Delete);
-            match sink.send(table.index, &self.key_message, Some(&self.message), tag).await {
-                Err(ProducerError::MessageTooLarge { .. }) if include_before => include_before = false,
-                other => break other?,
-            }
-        }
+        // A delete needs only its key and position, so it fits whatever its old row's size.
+        self.send_event(sink, &table, Op::Delete, with_before, false, position).await?;
         // The tombstone lets compaction forget the key. Compaction may also drop the delete
         // event before it, so the tombstone carries the same position in a header.
         let no_count = DeliveryTag { events: None, bytes: None };

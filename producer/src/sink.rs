@@ -270,9 +270,7 @@ impl Sink {
     /// idempotence as a generic fatal error; its real cause decides whether a new session can
     /// help.
     fn delivery_error(&self, topic: String, source: KafkaError) -> ProducerError {
-        if source.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal)
-            || matches!(source, KafkaError::MessageProduction(RDKafkaErrorCode::Fatal))
-        {
+        if source.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
             let cause = self.producer.client().fatal_error().map_or_else(|| source.to_string(), |(_, text)| text);
             let definite = crate::error::fatal_cause_is_definite(&cause);
             return ProducerError::KafkaFatal { topic, cause, definite };
