@@ -86,7 +86,7 @@ async fn read_incentives(pg: &tokio_postgres::Client, id: i64) -> Result<Perform
     let row = pg
         .query_one(
             &format!(
-                "SELECT pg_current_wal_lsn()::text, (c.courier_id IS NOT NULL), {columns} \
+                "SELECT pg_current_wal_insert_lsn()::text, (c.courier_id IS NOT NULL), {columns} \
                  FROM (SELECT 1) one LEFT JOIN courier_performance c ON c.courier_id = $1"
             ),
             &[&id],

@@ -97,6 +97,16 @@ impl CircuitBreaker {
         }
     }
 
+    /// Gives back a probe whose call ended without an outcome (cancelled): the next call
+    /// may probe.
+    pub fn release_probe(&self) {
+        if let Ok(mut inner) = self.inner.lock()
+            && let Inner::HalfOpen { probing } = &mut *inner
+        {
+            *probing = false;
+        }
+    }
+
     /// Reports the outcome of a permitted call.
     pub fn record(&self, success: bool) {
         let Ok(mut inner) = self.inner.lock() else { return };
@@ -143,6 +153,17 @@ mod tests {
         b.record(true);
         assert_eq!(b.state(), BreakerState::Closed);
         assert_eq!(b.acquire(), Permit::Allowed);
+    }
+
+    #[test]
+    fn a_probe_given_back_lets_the_next_call_probe() {
+        let b = CircuitBreaker::new(BreakerConfig { failure_threshold: 1, open_for: Duration::from_millis(1) });
+        b.record(false);
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(b.acquire(), Permit::Probe);
+        assert!(matches!(b.acquire(), Permit::Rejected(_)));
+        b.release_probe();
+        assert_eq!(b.acquire(), Permit::Probe, "a cancelled probe must not block the breaker");
     }
 
     #[test]

@@ -277,7 +277,16 @@ impl Client {
         if let Some(near) = &self.near
             && answer.state != "unknown"
         {
-            near.insert(near_key, Arc::new(answer.clone())).await;
+            // Concurrent reads of one key finish in any order: keep the newest view.
+            let fresh = Arc::new(answer.clone());
+            near.entry(near_key)
+                .and_compute_with(|held| async move {
+                    match held {
+                        Some(h) if h.value().as_of.view_lsn > fresh.as_of.view_lsn => moka::ops::compute::Op::Nop,
+                        _ => moka::ops::compute::Op::Put(fresh),
+                    }
+                })
+                .await;
         }
         answer.into_read(false)
     }
@@ -368,13 +377,16 @@ impl Client {
         options: &ReadOptions,
         request: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<R, ClientError> {
-        let timeout = options.timeout.unwrap_or(self.options.timeout) + options.wait.unwrap_or_default();
+        // The attempt's budget covers the server's `min_lsn` wait: a lagging view answers
+        // `min_lsn_not_reached` in time, and is never mistaken for a failing cache.
+        let timeout = options.timeout.unwrap_or(self.options.timeout) + effective_wait(options);
         let mut attempt = 0;
         loop {
-            match self.breaker.acquire() {
+            let mut probe = match self.breaker.acquire() {
                 Permit::Rejected(retry_in) => return Err(ClientError::CircuitOpen(retry_in)),
-                Permit::Allowed | Permit::Probe => {}
-            }
+                Permit::Allowed => ProbeGuard { breaker: &self.breaker, armed: false },
+                Permit::Probe => ProbeGuard { breaker: &self.breaker, armed: true },
+            };
             let started = Instant::now();
             let result = match tokio::time::timeout(timeout, self.authorized(request()).send()).await {
                 Err(_) => Err(ClientError::Timeout(timeout)),
@@ -388,6 +400,7 @@ impl Client {
                 }
             };
             self.breaker.record(result.as_ref().err().is_none_or(|e| !e.is_failure()));
+            probe.armed = false;
             match result {
                 Err(e) if e.is_transient() && attempt < self.options.retries => {
                     let cap = self.options.backoff.saturating_mul(1 << attempt.min(16)).min(self.options.max_backoff);
@@ -401,19 +414,45 @@ impl Client {
     }
 }
 
+/// The server's wait for `min_lsn` when the caller gives none (`wait_ms` defaults to 1000).
+const SERVER_DEFAULT_WAIT: Duration = Duration::from_millis(1000);
+
+fn effective_wait(options: &ReadOptions) -> Duration {
+    match (options.wait, options.min_lsn) {
+        (Some(w), _) => w,
+        (None, Some(_)) => SERVER_DEFAULT_WAIT,
+        (None, None) => Duration::ZERO,
+    }
+}
+
+/// Gives a half-open breaker's probe back when its call is dropped (cancelled) before it
+/// reports, so one abandoned probe cannot keep the breaker rejecting every call.
+struct ProbeGuard<'a> {
+    breaker: &'a CircuitBreaker,
+    armed: bool,
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.breaker.release_probe();
+        }
+    }
+}
+
 fn transport(e: reqwest::Error) -> ClientError {
     ClientError::Transport(e.to_string())
 }
 
-/// Reads a response body: success, or a 404 that is an answer (absent, deleted, unknown),
-/// parses as `R`; anything else becomes the error the body names.
+/// Reads a response body: success, a 404 that is an answer (absent, deleted) or a 409 that is
+/// one (unknown), parses as `R`; anything else becomes the error the body names.
 async fn read_body<R: serde::de::DeserializeOwned>(response: reqwest::Response) -> Result<R, ClientError> {
     let status = response.status().as_u16();
     let bytes = response.bytes().await.map_err(transport)?;
     if (200..300).contains(&status) {
         return serde_json::from_slice(&bytes).map_err(|e| ClientError::Decode(e.to_string()));
     }
-    if status == 404
+    if (status == 404 || status == 409)
         && let Ok(body) = serde_json::from_slice::<Json>(&bytes)
         && body.get("state").is_some()
     {
@@ -426,7 +465,7 @@ fn error_of(status: u16, body: &[u8]) -> ClientError {
     let err: WireError = serde_json::from_slice(body)
         .unwrap_or(WireError { error: "unknown".into(), message: String::from_utf8_lossy(body).into_owned() });
     match (status, err.error.as_str()) {
-        (503, "not_ready") => ClientError::NotReady(err.message),
+        (503, "not_ready" | "blocked") => ClientError::NotReady(err.message),
         (503, "too_stale") => ClientError::TooStale(err.message),
         (503, "min_lsn_not_reached") => ClientError::MinLsnNotReached(err.message),
         (500..=599, _) => ClientError::Server { status, message: err.message },
@@ -451,9 +490,17 @@ fn append_options(url: &mut reqwest::Url, options: &ReadOptions) {
     }
 }
 
-/// The LSN to pass as `min_lsn` after your own write: the server's WAL position now, taken
-/// on the connection that committed (so it is at or past your commit).
-pub async fn current_lsn(client: &tokio_postgres::Client) -> Result<Lsn, tokio_postgres::Error> {
-    let text: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).await?.get(0);
-    Ok(text.parse().unwrap_or_default())
+/// The LSN to pass as `min_lsn` after your own write, taken on the connection that committed.
+///
+/// `pg_current_wal_insert_lsn()` is at or past your commit record even under
+/// `synchronous_commit = off`, where `pg_current_wal_lsn()` (the write position) can still be
+/// behind it. An unreadable answer is an error, never LSN 0 (which would silently turn
+/// read-your-writes off).
+pub async fn current_lsn(client: &tokio_postgres::Client) -> Result<Lsn, ClientError> {
+    let row = client
+        .query_one("SELECT pg_current_wal_insert_lsn()::text", &[])
+        .await
+        .map_err(|e| ClientError::Postgres(e.to_string()))?;
+    let text: String = row.try_get(0).map_err(|e| ClientError::Postgres(e.to_string()))?;
+    text.parse().map_err(|e| ClientError::Postgres(format!("unreadable WAL position {text:?}: {e}")))
 }

@@ -5,9 +5,11 @@
 //!  view:     wait until it covers L (every change visible in S is then in the view)
 //!  compare:  each source row ─► same value ........................ match
 //!                             ├► view row written by a tx not in S .. changed after the snapshot (not drift)
+//!                             ├► view says unknown .................. unknown (the view admits it cannot vouch)
 //!                             ├► view has another value ............. different   (drift)
 //!                             ├► view has no row / a delete in S .... missing     (drift)
-//!                             └► row breaks the contract ............ set aside (dead-lettered), reported apart
+//!                             └► row breaks the contract ............ contract violation (dead-lettered); the
+//!                                view must say unknown for it: a row or "absent" there is drift
 //!            each view row the source lacks, written in S ........... extra       (drift)
 //! ```
 //!
@@ -78,7 +80,8 @@ pub struct VerifyReport {
     pub different: Finding,
     /// Rows written after the snapshot (by transactions it does not see): not drift.
     pub changed_after_snapshot: u64,
-    /// Keys the view cannot vouch for (evicted): not drift, not verified.
+    /// Source rows the view says it cannot vouch for (evicted, or their change was set
+    /// aside): not drift, and not verified either.
     pub unknown: u64,
     /// Source rows that break the contract (they are on the dead-letter topic, not in the view).
     pub contract_violations: Finding,
@@ -163,7 +166,7 @@ pub async fn verify(
     let mut view_lsn: Option<Lsn>;
     loop {
         let status = cache.status().await?;
-        view_lsn = status["view"]["view_lsn"].as_str().and_then(|s| s.parse().ok());
+        view_lsn = table_view_lsn(&status, &options.table);
         if view_lsn.is_some_and(|v| v >= snapshot_lsn) || started.elapsed() >= options.wait {
             break;
         }
@@ -172,13 +175,17 @@ pub async fn verify(
     let caught_up = view_lsn.is_some_and(|v| v >= snapshot_lsn);
 
     // The view, keyed by the key's JSON text.
-    let mut view: HashMap<String, (bool, u64, Json, Json)> = HashMap::new();
+    let mut view: HashMap<String, (HeldState, u64, Json, Json)> = HashMap::new();
     let header = cache
         .export(&options.table, |entry| {
             let key = entry["key"].clone();
-            let present = entry["state"] == "present";
+            let state = match entry["state"].as_str() {
+                Some("present") => HeldState::Present,
+                Some("deleted") => HeldState::Deleted,
+                _ => HeldState::Unknown,
+            };
             let txid = entry["position"]["txid"].as_u64().unwrap_or(0);
-            view.insert(key.to_string(), (present, txid, key, entry["value"].clone()));
+            view.insert(key.to_string(), (state, txid, key, entry["value"].clone()));
         })
         .await?;
     let has_evicted = header["has_evicted"].as_bool().unwrap_or(false);
@@ -221,7 +228,15 @@ pub async fn verify(
             });
             let held = view.remove(&key.to_string());
             if !valid {
+                // Set aside upstream: the view must say it cannot vouch for this key.
                 report.contract_violations.add(&key, options.sample);
+                match held {
+                    Some((HeldState::Unknown, ..)) => {}
+                    None if has_evicted => {}
+                    Some((_, txid, _, _)) if !snapshot.sees(txid) => {}
+                    Some((HeldState::Present, ..)) => report.different.add(&key, options.sample),
+                    Some((HeldState::Deleted, ..)) | None => report.missing.add(&key, options.sample),
+                }
                 continue;
             }
             let source = plan.row_to_json(&buf).map(Json::Object).map_err(|e| ClientError::Decode(e.to_string()))?;
@@ -229,9 +244,10 @@ pub async fn verify(
                 None if has_evicted => report.unknown += 1,
                 None => report.missing.add(&key, options.sample),
                 Some((_, txid, _, _)) if !snapshot.sees(txid) => report.changed_after_snapshot += 1,
-                Some((true, _, _, value)) if value == source => report.matching += 1,
-                Some((true, _, _, _)) => report.different.add(&key, options.sample),
-                Some((false, _, _, _)) => report.missing.add(&key, options.sample),
+                Some((HeldState::Unknown, ..)) => report.unknown += 1,
+                Some((HeldState::Present, _, _, value)) if value == source => report.matching += 1,
+                Some((HeldState::Present, ..)) => report.different.add(&key, options.sample),
+                Some((HeldState::Deleted, ..)) => report.missing.add(&key, options.sample),
             }
         }
         progress(report.source_rows, total);
@@ -240,8 +256,8 @@ pub async fn verify(
         }
     }
     tx.commit().await.map_err(pg)?;
-    for (present, txid, key, _) in view.into_values() {
-        if !present {
+    for (state, txid, key, _) in view.into_values() {
+        if state != HeldState::Present {
             continue;
         }
         if snapshot.sees(txid) {
@@ -257,6 +273,24 @@ pub async fn verify(
         (_, true) => Verdict::Drift,
     };
     Ok(report)
+}
+
+/// What the view holds for a key, from its export.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HeldState {
+    Present,
+    Deleted,
+    Unknown,
+}
+
+/// The coverage of `table` in a `/v1/status` answer (each table follows the producer that
+/// feeds it), or the view's shared one from an older consumer.
+fn table_view_lsn(status: &Json, table: &str) -> Option<Lsn> {
+    let of_table = status["tables"]
+        .as_array()
+        .and_then(|tables| tables.iter().find(|t| t["name"] == table))
+        .map(|t| &t["view"]["view_lsn"]);
+    of_table.unwrap_or(&status["view"]["view_lsn"]).as_str().and_then(|s| s.parse().ok())
 }
 
 /// The key of a source row as the query API renders it (a scalar for one key field).

@@ -9,9 +9,10 @@
 //! ```
 //!
 //! Every answer says as of when it is true: the row's own position (LSN, commit time) and the
-//! view's (the watermark it is complete up to), plus staleness. A key the view cannot vouch
-//! for answers `unknown`, never `absent`. A request that asks for more consistency than the
-//! view has gets 503 with the reason, so the caller can fall back.
+//! table's (the watermark of the producer feeding it, which it is complete up to), plus
+//! staleness. A key the view cannot vouch for answers `unknown` (HTTP 409), never `absent`
+//! (404). A request that asks for more consistency than the view has gets 503 with the
+//! reason, so the caller can fall back.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ use serde_json::{Value as Json, json};
 use walcache_common::config::Secret;
 use walcache_schemas::{Lsn, Position, micros_to_rfc3339, now_micros};
 
-use crate::store::Lookup;
+use crate::store::{Held, Lookup};
 use crate::view::{TableView, View};
 use crate::watermark::Coverage;
 
@@ -146,14 +147,31 @@ struct ViewAsOf {
 }
 
 impl ViewAsOf {
-    fn now(view: &View) -> Self {
-        let coverage = view.coverage();
+    fn of(coverage: Option<Coverage>) -> Self {
         ViewAsOf { coverage, staleness_ms: coverage.map(|c| ((now_micros() - c.commit_ts_micros) / 1000).max(0)) }
+    }
+
+    fn json(&self) -> Json {
+        json!({
+            "view_lsn": self.coverage.map(|c| c.lsn),
+            "view_time": self.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)),
+            "staleness_ms": self.staleness_ms,
+        })
     }
 }
 
-async fn consistent_view(api: &Api, options: &ReadOptions) -> Result<ViewAsOf, ApiError> {
+async fn consistent_view(api: &Api, table: &TableView, options: &ReadOptions) -> Result<ViewAsOf, ApiError> {
     let view = &api.view;
+    if let Some(b) = view.blocked() {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "blocked",
+            format!(
+                "the view stopped at {}/{}/{}: {}; it cannot vouch for anything past it",
+                b.topic, b.partition, b.offset, b.reason
+            ),
+        ));
+    }
     if !view.is_ready() {
         let r = view.restore();
         return Err(ApiError::new(
@@ -171,7 +189,7 @@ async fn consistent_view(api: &Api, options: &ReadOptions) -> Result<ViewAsOf, A
         })?;
         let budget = Duration::from_millis(options.wait_ms.unwrap_or(1000)).min(api.max_wait);
         let started = Instant::now();
-        let mut rx = view.subscribe_coverage();
+        let mut rx = table.subscribe_coverage();
         let reached = tokio::time::timeout(budget, async {
             loop {
                 if rx.borrow_and_update().is_some_and(|c| c.lsn >= min) {
@@ -185,7 +203,7 @@ async fn consistent_view(api: &Api, options: &ReadOptions) -> Result<ViewAsOf, A
         .await
         .unwrap_or(false);
         if !reached {
-            let now = ViewAsOf::now(view);
+            let now = ViewAsOf::of(table.coverage());
             return Err(ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "min_lsn_not_reached",
@@ -198,7 +216,7 @@ async fn consistent_view(api: &Api, options: &ReadOptions) -> Result<ViewAsOf, A
             })));
         }
     }
-    let now = ViewAsOf::now(view);
+    let now = ViewAsOf::of(table.coverage());
     if let Some(max) = options.max_staleness_ms {
         let too_old = now.staleness_ms.is_none_or(|s| s > max as i64);
         if too_old {
@@ -245,20 +263,21 @@ fn answer(
     metrics: &crate::metrics::Metrics,
 ) -> (Json, &'static str) {
     let lookup = t.store.get(key_body);
-    let (state, value, row_pos) = match &lookup {
-        Lookup::Present { row, position } => match t.spec.reader.row.row_to_json(row) {
-            Ok(v) => ("present", Json::Object(v), Some(*position)),
-            Err(_) => ("unknown", Json::Null, Some(*position)),
+    let (state, value, row_pos, reason) = match lookup {
+        Lookup::Present { row, position } => match t.spec.reader.row.row_to_json(&row) {
+            Ok(v) => ("present", Json::Object(v), Some(position), None),
+            Err(_) => ("unknown", Json::Null, Some(position), Some("undecodable_row".to_string())),
         },
-        Lookup::Deleted { position } => ("deleted", Json::Null, Some(*position)),
-        Lookup::Absent => ("absent", Json::Null, None),
-        Lookup::Unknown => ("unknown", Json::Null, None),
+        Lookup::Deleted { position } => ("deleted", Json::Null, Some(position), None),
+        Lookup::Absent => ("absent", Json::Null, None, None),
+        Lookup::Unknown { position, reason } => ("unknown", Json::Null, position, Some(reason)),
     };
     metrics.lookups.with_label_values(&[&t.spec.name, state]).inc();
     let body = json!({
         "key": key_json,
         "state": state,
         "value": value,
+        "reason": reason,
         "as_of": {
             "row_lsn": row_pos.map(|p| p.lsn),
             "row_commit_time": row_pos.map(|p| micros_to_rfc3339(p.commit_ts_micros)),
@@ -297,10 +316,21 @@ async fn get_row(
             },
         )
     })?;
-    let view = consistent_view(&api, &options).await?;
+    let view = consistent_view(&api, t, &options).await?;
     let (answer, state) = answer(t, &body, key_json_of(t, &body), &view, &api.view.metrics);
-    let status = if state == "present" { StatusCode::OK } else { StatusCode::NOT_FOUND };
+    let status = status_of(state);
     Ok((status, axum::Json(answer_with_table(&t.spec.name, answer))).into_response())
+}
+
+/// The HTTP status of a single-key answer. `unknown` is not a 404: the row may well exist,
+/// and a generic client must not conclude it does not. Nor is it a 5xx: the consumer is
+/// healthy, and a load balancer must not eject it for keys it cannot vouch for.
+fn status_of(state: &str) -> StatusCode {
+    match state {
+        "present" => StatusCode::OK,
+        "unknown" => StatusCode::CONFLICT,
+        _ => StatusCode::NOT_FOUND,
+    }
 }
 
 fn answer_with_table(table: &str, mut answer: Json) -> Json {
@@ -354,12 +384,12 @@ async fn batch(
         wait_ms: request.options.wait_ms,
         max_staleness_ms: request.options.max_staleness_ms,
     };
-    let view = consistent_view(&api, &options).await?;
+    let view = consistent_view(&api, t, &options).await?;
     let results: Vec<Json> =
         bodies.iter().zip(request.keys).map(|(body, key)| answer(t, body, key, &view, &api.view.metrics).0).collect();
     Ok(axum::Json(json!({
         "table": t.spec.name,
-        "view": { "view_lsn": view.coverage.map(|c| c.lsn), "view_time": view.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)), "staleness_ms": view.staleness_ms },
+        "view": view.json(),
         "results": results,
     }))
     .into_response())
@@ -380,22 +410,31 @@ async fn export(State(api): State<Api>, Path(table_name): Path<String>) -> Resul
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<bytes::Bytes, std::io::Error>>(8);
     tokio::task::spawn_blocking(move || {
         let t = &view.tables[index];
-        let now = ViewAsOf::now(&view);
+        let now = ViewAsOf::of(t.coverage());
         let header = json!({ "view_lsn": now.coverage.map(|c| c.lsn), "view_time": now.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)), "has_evicted": t.store.has_evicted() });
         let mut buf = Vec::with_capacity(1 << 16);
         buf.extend_from_slice(header.to_string().as_bytes());
         buf.push(b'\n');
         let mut open = true;
-        t.store.for_each(|key, position, row| {
+        t.store.for_each(|key, held| {
             if !open {
                 return;
             }
-            let line = json!({
-                "key": key_json_of(t, key),
-                "state": if row.is_some() { "present" } else { "deleted" },
-                "position": position_json(&position),
-                "value": row.and_then(|r| t.spec.reader.row.row_to_json(r).ok()).map_or(Json::Null, Json::Object),
-            });
+            let line = match held {
+                Held::Present { row, position } => match t.spec.reader.row.row_to_json(row) {
+                    Ok(value) => json!({ "key": key_json_of(t, key), "state": "present", "position": position_json(&position), "value": value }),
+                    Err(_) => json!({ "key": key_json_of(t, key), "state": "unknown", "position": position_json(&position), "reason": "undecodable_row" }),
+                },
+                Held::Deleted { position } => {
+                    json!({ "key": key_json_of(t, key), "state": "deleted", "position": position_json(&position) })
+                }
+                Held::Unknown { position, reason } => json!({
+                    "key": key_json_of(t, key),
+                    "state": "unknown",
+                    "position": position.map(|p| position_json(&p)),
+                    "reason": reason,
+                }),
+            };
             buf.extend_from_slice(line.to_string().as_bytes());
             buf.push(b'\n');
             if buf.len() >= 1 << 16 {
@@ -412,7 +451,6 @@ async fn export(State(api): State<Api>, Path(table_name): Path<String>) -> Resul
 
 async fn status(State(api): State<Api>) -> Response {
     let view = &api.view;
-    let now = ViewAsOf::now(view);
     let restore = view.restore();
     let tables: Vec<Json> = view
         .tables
@@ -424,8 +462,11 @@ async fn status(State(api): State<Api>) -> Response {
                 "topic": t.spec.topic,
                 "contract": t.spec.contract.name,
                 "contract_version": t.spec.reader.version,
+                "producer": t.producer(),
+                "view": ViewAsOf::of(t.coverage()).json(),
                 "entries": s.live.load(std::sync::atomic::Ordering::Relaxed),
                 "tombstones": s.tombstones.load(std::sync::atomic::Ordering::Relaxed),
+                "unknown": s.unknown.load(std::sync::atomic::Ordering::Relaxed),
                 "bytes": t.store.weighted_bytes(),
                 "evicted_rows": s.evicted_rows.load(std::sync::atomic::Ordering::Relaxed),
                 "truncated_at": t.floor().map(|p| position_json(&p)),
@@ -438,9 +479,11 @@ async fn status(State(api): State<Api>) -> Response {
         .map(|((topic, p), s)| json!({ "topic": topic, "partition": p, "next_offset": s.next, "high_watermark": s.high, "lag": (s.high - s.next).max(0) }))
         .collect();
     axum::Json(json!({
-        "ready": view.is_ready(),
+        "ready": view.is_ready() && view.blocked().is_none(),
+        "blocked": view.blocked().map(|b| json!({ "topic": b.topic, "partition": b.partition, "offset": b.offset, "reason": b.reason })),
         "restore": { "done": restore.done, "total": restore.total, "events": restore.events, "seconds": restore.seconds },
-        "view": { "view_lsn": now.coverage.map(|c| c.lsn), "view_time": now.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)), "staleness_ms": now.staleness_ms },
+        // Every table's, when one producer feeds them all; per table under "tables" otherwise.
+        "view": ViewAsOf::of(view.shared_coverage()).json(),
         "tables": tables,
         "partitions": partitions,
         "dead_letters": view.dead_letters.load(std::sync::atomic::Ordering::Relaxed),

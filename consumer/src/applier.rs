@@ -2,15 +2,19 @@
 //!
 //! ```text
 //!  start: every partition of the table topics + the watermark topic, from offset 0
+//!         (a topic that does not exist yet is waited for, not ready, with the reason)
 //!         targets = high watermarks now ── ready once every partition reaches its target
-//!  loop:  message ─┬─ table topic ──► View::apply_table_message ──► applied | ignored | bad ─► dead letter
+//!  loop:  message ─┬─ table topic ──► View::apply_table_message ─► applied | unavailable | ignored
+//!                  │                                              ├► bad ─► dead letter (key unknown)
+//!                  │                                              └► blocking ─► View::block
 //!                  └─ watermarks  ──► Tracker::offer
-//!         positions ──► Tracker::advance ──► View::set_coverage (min_lsn waiters wake)
+//!         positions ──► Tracker::advance ──► View::set_coverage(table) (min_lsn waiters wake)
 //! ```
 //!
 //! This is the GlobalKTable model: every instance reads every partition, so any instance
 //! answers any key. Nothing is committed to Kafka; a restart rebuilds the view from the
-//! compacted topics.
+//! compacted topics. Within one process, a reconnect resumes from the offsets already read
+//! with the same watermark tracker, so coverage never moves backwards.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -25,19 +29,35 @@ use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use walcache_common::dead_letter::{DeadLetter, KafkaOrigin, Stage};
 use walcache_common::kafka::{Metadata, QuietContext, client_config, read_to_end};
-use walcache_schemas::{POSITION_HEADER, Position, Registry, Watermark, micros_to_rfc3339, now_micros};
+use walcache_schemas::{
+    POSITION_HEADER, Position, Registry, UNAVAILABLE_HEADER, Watermark, micros_to_rfc3339, now_micros,
+};
 
 use crate::ConsumerError;
 use crate::config::ConsumerConfig;
-use crate::view::{BadMessage, Outcome, Restore, View};
+use crate::view::{BadMessage, Blocked, Outcome, Restore, View};
 use crate::watermark::Tracker;
 
-/// Runs until `cancel` fires; transient failures restart the reading with backoff (the view
-/// is kept: positions make re-reading harmless).
+/// What has been read, kept across reconnects.
+struct Progress {
+    /// Next offset to read per (topic, partition): everything before it has been applied.
+    next: HashMap<(String, i32), i64>,
+    tracker: Tracker,
+}
+
+/// Runs until `cancel` fires; transient failures reconnect with backoff and resume from the
+/// offsets already read.
 pub async fn run(view: Arc<View>, config: ConsumerConfig, cancel: CancellationToken) -> Result<(), ConsumerError> {
     let mut backoff = Duration::from_millis(500);
+    let mut progress = Progress {
+        next: HashMap::new(),
+        tracker: Tracker::new(
+            config.watermarks.producer.clone(),
+            view.tables.iter().map(|t| t.spec.topic.clone()).collect(),
+        ),
+    };
     loop {
-        match session(&view, &config, &cancel).await {
+        match session(&view, &config, &cancel, &mut progress).await {
             Ok(()) => return Ok(()),
             Err(e) if e.is_transient() && !cancel.is_cancelled() => {
                 tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "reading the topics failed; retrying");
@@ -60,32 +80,82 @@ fn instance_name(config: &ConsumerConfig) -> String {
     })
 }
 
-async fn session(view: &Arc<View>, config: &ConsumerConfig, cancel: &CancellationToken) -> Result<(), ConsumerError> {
+/// Every topic's partitions, waiting (not ready, with the reason) while a topic does not
+/// exist yet: in compose and Kubernetes the consumer often starts before the producer.
+/// `None` when cancelled.
+async fn wait_for_topics(
+    view: &View,
+    metadata: &Metadata,
+    topics: &[String],
+    cancel: &CancellationToken,
+) -> Result<Option<Vec<(String, Vec<i32>)>>, ConsumerError> {
+    let mut logged = false;
+    loop {
+        let mut found = Vec::with_capacity(topics.len());
+        let mut missing = None;
+        for topic in topics {
+            let partitions = metadata.partitions(topic).await?;
+            if partitions.is_empty() {
+                missing = Some(topic.clone());
+                break;
+            }
+            found.push((topic.clone(), partitions));
+        }
+        let Some(topic) = missing else {
+            return Ok(Some(found));
+        };
+        if !view.is_ready() {
+            view.health
+                .set_not_ready(format!("topic {topic} does not exist yet (has the producer started?); waiting for it"));
+        }
+        if !logged {
+            tracing::warn!(topic = %topic, "topic does not exist yet (has the producer started?); waiting for it");
+            logged = true;
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return Ok(None),
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+async fn session(
+    view: &Arc<View>,
+    config: &ConsumerConfig,
+    cancel: &CancellationToken,
+    progress: &mut Progress,
+) -> Result<(), ConsumerError> {
     let kafka = &config.kafka;
     let instance = instance_name(config);
     let metadata = Metadata::new(kafka, &format!("walcache-consumer-{instance}"))?;
 
-    // Every partition of every topic, with its restore target.
+    // Every partition of every topic, from where this process left off (or the beginning),
+    // with its restore target.
     let mut topics: Vec<String> = view.tables.iter().map(|t| t.spec.topic.clone()).collect();
     topics.push(config.watermarks.topic.clone());
+    let Some(found) = wait_for_topics(view, &metadata, &topics, cancel).await? else {
+        return Ok(());
+    };
+    if !view.is_ready() {
+        view.health.set_not_ready("restoring the view from the topics");
+    }
     let mut tpl = TopicPartitionList::new();
     let mut targets: HashMap<(String, i32), i64> = HashMap::new();
-    for topic in &topics {
-        let partitions = metadata.partitions(topic).await?;
-        if partitions.is_empty() {
-            return Err(ConsumerError::Common(walcache_common::CommonError::Topic {
-                topic: topic.clone(),
-                problem: "does not exist yet (has the producer started?); waiting for it".into(),
-            }));
-        }
+    for (topic, partitions) in found {
         for p in partitions {
-            let (_, high) = metadata.watermarks(topic, p).await?;
-            targets.insert((topic.clone(), p), high);
-            tpl.add_partition_offset(topic, p, Offset::Beginning)
+            let (low, high) = metadata.watermarks(&topic, p).await?;
+            let key = (topic.clone(), p);
+            // Nothing before the low watermark can be read: an empty partition, or one whose
+            // start was deleted, counts as read up to there (watermarks pointing into it are
+            // reached).
+            let next = *progress.next.entry(key.clone()).and_modify(|n| *n = (*n).max(low)).or_insert(low);
+            tpl.add_partition_offset(&topic, p, Offset::Offset(next))
                 .map_err(|e| ConsumerError::kafka("assigning partitions", e))?;
-            view.set_partition(topic, p, |s| {
+            targets.insert(key, high);
+            view.set_partition(&topic, p, |s| {
                 s.target = high;
                 s.high = high;
+                s.next = next;
             });
         }
     }
@@ -97,6 +167,8 @@ async fn session(view: &Arc<View>, config: &ConsumerConfig, cancel: &Cancellatio
             ("enable.auto.commit", "false".into()),
             ("enable.auto.offset.store", "false".into()),
             ("enable.partition.eof", "true".into()),
+            // An offset that retention removed meanwhile: read what is left, never skip to the end.
+            ("auto.offset.reset", "earliest".into()),
             // Freshness: do not let the broker hold fetches long when there is nothing new.
             ("fetch.wait.max.ms", "10".into()),
             ("fetch.min.bytes", "1".into()),
@@ -108,11 +180,13 @@ async fn session(view: &Arc<View>, config: &ConsumerConfig, cancel: &Cancellatio
     consumer.assign(&tpl).map_err(|e| ConsumerError::kafka("assigning partitions", e))?;
 
     let mut dead = DeadLetters::new(config, &metadata, &instance).await?;
-    let mut tracker =
-        Tracker::new(config.watermarks.producer.clone(), view.tables.iter().map(|t| t.spec.topic.clone()));
-    let mut next: HashMap<(String, i32), i64> = HashMap::new();
-    let mut remaining: HashSet<(String, i32)> =
-        targets.iter().filter(|(_, high)| **high > 0).map(|(k, _)| k.clone()).collect();
+    let next = &mut progress.next;
+    let tracker = &mut progress.tracker;
+    let mut remaining: HashSet<(String, i32)> = targets
+        .iter()
+        .filter(|(k, high)| next.get(*k).copied().unwrap_or(0) < **high)
+        .map(|(k, _)| k.clone())
+        .collect();
     let total: i64 = targets.values().sum();
     let started = Instant::now();
     let mut events: u64 = 0;
@@ -121,6 +195,7 @@ async fn session(view: &Arc<View>, config: &ConsumerConfig, cancel: &Cancellatio
         view.set_ready();
         tracing::info!("topics are empty: the view is ready");
     }
+    advance(view, tracker, next);
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -141,13 +216,13 @@ async fn session(view: &Arc<View>, config: &ConsumerConfig, cancel: &Cancellatio
                             }
                             remaining.retain(|(t, rp)| !(t == &topic && *rp == p && next.get(&(t.clone(), *rp)).copied().unwrap_or(0) >= targets.get(&(t.clone(), *rp)).copied().unwrap_or(0)));
                         }
-                        advance(view, &mut tracker, &next);
+                        advance(view, tracker, next);
                         continue;
                     }
                     Err(e) => return Err(ConsumerError::kafka("receiving messages", e)),
                 };
                 events += 1;
-                handle(view, &mut tracker, &mut dead, &message, &config.watermarks.topic);
+                handle(view, tracker, &mut dead, &message, &config.watermarks.topic);
                 let key = (message.topic().to_string(), message.partition());
                 let n = message.offset() + 1;
                 view.set_partition(&key.0, key.1, |s| s.next = n);
@@ -155,7 +230,7 @@ async fn session(view: &Arc<View>, config: &ConsumerConfig, cancel: &Cancellatio
                     remaining.remove(&key);
                 }
                 next.insert(key, n);
-                advance(view, &mut tracker, &next);
+                advance(view, tracker, next);
             }
         }
         if !view.is_ready() {
@@ -202,8 +277,13 @@ fn position_of(consumer: &StreamConsumer<QuietContext>, topic: &str, partition: 
 }
 
 fn advance(view: &View, tracker: &mut Tracker, next: &HashMap<(String, i32), i64>) {
-    if let Some(c) = tracker.advance(|t, p| next.get(&(t.to_string(), p)).copied()) {
-        view.set_coverage(c);
+    // A blocked partition counts as read only up to the message it could not apply.
+    let moved = tracker.advance(|t, p| {
+        let n = next.get(&(t.to_string(), p)).copied()?;
+        Some(view.blocked_at(t, p).map_or(n, |b| n.min(b)))
+    });
+    for (index, coverage) in moved {
+        view.set_coverage(index, coverage, tracker.feeder(index));
     }
 }
 
@@ -220,12 +300,11 @@ fn handle(view: &View, tracker: &mut Tracker, dead: &mut DeadLetters, m: &Borrow
         return;
     }
     let Some(index) = view.table_index_of_topic(m.topic()) else { return };
-    let header_position = m
-        .headers()
-        .and_then(|h| h.iter().find(|h| h.key == POSITION_HEADER).and_then(|h| h.value))
-        .and_then(Position::from_header);
+    let header = |name: &str| m.headers().and_then(|h| h.iter().find(|h| h.key == name).and_then(|h| h.value));
+    let header_position = header(POSITION_HEADER).and_then(Position::from_header);
+    let unavailable = header(UNAVAILABLE_HEADER).and_then(|v| std::str::from_utf8(v).ok());
     let now = now_micros();
-    let outcome = view.apply_table_message(index, m.key(), m.payload(), header_position, now);
+    let outcome = view.apply_table_message(index, m.key(), m.payload(), header_position, unavailable, now);
     let table = &view.tables[index];
     let metrics = &view.metrics;
     match outcome {
@@ -235,7 +314,19 @@ fn handle(view: &View, tracker: &mut Tracker, dead: &mut DeadLetters, m: &Borrow
                 metrics.commit_to_apply_seconds.observe(((now - position.commit_ts_micros).max(0) as f64) / 1e6);
             }
         }
+        Outcome::Unavailable(_) => metrics.applied.with_label_values(&[&table.spec.name, "unavailable"]).inc(),
         Outcome::Ignored(reason) => metrics.ignored.with_label_values(&[&table.spec.name, reason]).inc(),
+        Outcome::Blocking(bad) => {
+            view.dead_letters.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            metrics.dead_letters.with_label_values(&[bad.reason_code]).inc();
+            dead.publish(&table.spec.name, m, &bad);
+            view.block(Blocked {
+                topic: m.topic().to_string(),
+                partition: m.partition(),
+                offset: m.offset(),
+                reason: format!("{}: {}", bad.reason_code, bad.reason),
+            });
+        }
         Outcome::Bad(bad) => {
             view.dead_letters.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             metrics.dead_letters.with_label_values(&[bad.reason_code]).inc();
@@ -244,7 +335,7 @@ fn handle(view: &View, tracker: &mut Tracker, dead: &mut DeadLetters, m: &Borrow
                 partition = m.partition(),
                 offset = m.offset(),
                 reason = bad.reason_code,
-                "message set aside: it cannot be applied"
+                "message set aside: it cannot be applied; its key reads unknown until a newer event"
             );
             dead.publish(&table.spec.name, m, &bad);
         }
@@ -277,14 +368,18 @@ async fn refresh_once(view: &View, metadata: &Metadata) {
         let labels = [t.spec.name.as_str()];
         view.metrics.entries.with_label_values(&labels).set(s.live.load(std::sync::atomic::Ordering::Relaxed));
         view.metrics.tombstones.with_label_values(&labels).set(s.tombstones.load(std::sync::atomic::Ordering::Relaxed));
+        view.metrics.unknown_keys.with_label_values(&labels).set(s.unknown.load(std::sync::atomic::Ordering::Relaxed));
+        if let Some(c) = t.coverage() {
+            view.metrics
+                .view_staleness
+                .with_label_values(&labels)
+                .set(((now_micros() - c.commit_ts_micros).max(0) as f64) / 1e6);
+        }
         view.metrics.cache_bytes.with_label_values(&labels).set(t.store.weighted_bytes() as i64);
         view.metrics
             .evicted_rows
             .with_label_values(&labels)
             .set(s.evicted_rows.load(std::sync::atomic::Ordering::Relaxed) as i64);
-    }
-    if let Some(c) = view.coverage() {
-        view.metrics.view_staleness.set(((now_micros() - c.commit_ts_micros).max(0) as f64) / 1e6);
     }
     for ((topic, p), state) in view.partitions() {
         if let Ok((_, high)) = metadata.watermarks(&topic, p).await {

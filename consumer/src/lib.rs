@@ -50,6 +50,11 @@ impl Running {
         self.applier.await.map_err(|e| ConsumerError::Config(format!("applier task failed: {e}")))?
     }
 
+    /// Whether the applier has ended (a definite error, or `cancel`).
+    pub fn applier_finished(&self) -> bool {
+        self.applier.is_finished()
+    }
+
     /// Waits until the applier ends (a definite error, or `cancel`).
     pub async fn wait(&mut self) -> Result<(), ConsumerError> {
         (&mut self.applier).await.map_err(|e| ConsumerError::Config(format!("applier task failed: {e}")))?

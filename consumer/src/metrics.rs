@@ -1,6 +1,8 @@
 //! The consumer's Prometheus metrics; names are constants, labels low-cardinality.
 
-use prometheus::{Gauge, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub const APPLIED_TOTAL: &str = "walcache_consumer_applied_total";
 pub const IGNORED_TOTAL: &str = "walcache_consumer_ignored_total";
@@ -9,6 +11,7 @@ pub const COMMIT_TO_APPLY_SECONDS: &str = "walcache_consumer_commit_to_apply_sec
 pub const LAG_MESSAGES: &str = "walcache_consumer_lag_messages";
 pub const ENTRIES: &str = "walcache_consumer_entries";
 pub const TOMBSTONES: &str = "walcache_consumer_tombstones";
+pub const UNKNOWN_KEYS: &str = "walcache_consumer_unknown_keys";
 pub const CACHE_BYTES: &str = "walcache_consumer_cache_bytes";
 pub const EVICTED_ROWS: &str = "walcache_consumer_evicted_rows";
 pub const LOOKUPS_TOTAL: &str = "walcache_consumer_lookups_total";
@@ -30,12 +33,13 @@ pub struct Metrics {
     pub lag: IntGaugeVec,
     pub entries: IntGaugeVec,
     pub tombstones: IntGaugeVec,
+    pub unknown_keys: IntGaugeVec,
     pub cache_bytes: IntGaugeVec,
     pub evicted_rows: IntGaugeVec,
     pub lookups: IntCounterVec,
     pub dead_letters: IntCounterVec,
-    pub view_lsn: Gauge,
-    pub view_staleness: Gauge,
+    pub view_lsn: GaugeVec,
+    pub view_staleness: GaugeVec,
     pub restore_progress: Gauge,
     pub ready: IntGauge,
     pub requests: IntCounterVec,
@@ -69,6 +73,10 @@ impl Metrics {
             )?,
             entries: IntGaugeVec::new(Opts::new(ENTRIES, "Rows held"), &["table"])?,
             tombstones: IntGaugeVec::new(Opts::new(TOMBSTONES, "Deleted keys held with their position"), &["table"])?,
+            unknown_keys: IntGaugeVec::new(
+                Opts::new(UNKNOWN_KEYS, "Keys held as unknown: their last change could not be applied"),
+                &["table"],
+            )?,
             cache_bytes: IntGaugeVec::new(Opts::new(CACHE_BYTES, "Bytes held, as the cache weighs them"), &["table"])?,
             evicted_rows: IntGaugeVec::new(
                 Opts::new(EVICTED_ROWS, "Rows evicted for capacity (reads of them say unknown)"),
@@ -76,8 +84,14 @@ impl Metrics {
             )?,
             lookups: IntCounterVec::new(Opts::new(LOOKUPS_TOTAL, "Row lookups by outcome"), &["table", "state"])?,
             dead_letters: IntCounterVec::new(Opts::new(DEAD_LETTERS_TOTAL, "Messages set aside"), &["reason"])?,
-            view_lsn: Gauge::new(VIEW_LSN, "LSN up to which the view is complete (from watermarks)")?,
-            view_staleness: Gauge::new(VIEW_STALENESS, "Now minus the commit time the view is complete up to")?,
+            view_lsn: GaugeVec::new(
+                Opts::new(VIEW_LSN, "LSN up to which the table is complete (from its producer's watermarks)"),
+                &["table"],
+            )?,
+            view_staleness: GaugeVec::new(
+                Opts::new(VIEW_STALENESS, "Now minus the commit time the table is complete up to"),
+                &["table"],
+            )?,
             restore_progress: Gauge::new(
                 RESTORE_PROGRESS,
                 "Restore progress towards the high watermarks seen at start",
@@ -98,6 +112,7 @@ impl Metrics {
         r.register(Box::new(m.lag.clone()))?;
         r.register(Box::new(m.entries.clone()))?;
         r.register(Box::new(m.tombstones.clone()))?;
+        r.register(Box::new(m.unknown_keys.clone()))?;
         r.register(Box::new(m.cache_bytes.clone()))?;
         r.register(Box::new(m.evicted_rows.clone()))?;
         r.register(Box::new(m.lookups.clone()))?;

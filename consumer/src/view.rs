@@ -2,9 +2,10 @@
 //! watermarks, readiness and partition positions, shared by the applier and the query API.
 //!
 //! ```text
-//!  applier ──apply_table_message──► TableView.store (position-aware)      ◄── API reads
-//!          ──set_coverage─────────► coverage (watch) ─► min_lsn waiters   ◄── API waits
-//!          ──set_partition────────► positions, lag                        ◄── /v1/status
+//!  applier ──apply_table_message──► TableView.store (position-aware)            ◄── API reads
+//!          ──set_coverage(table)──► TableView.coverage (watch) ─► min_lsn waiters ◄── API waits
+//!          ──set_partition────────► positions, lag                              ◄── /v1/status
+//!          ──block────────────────► not ready, with the reason (a message it must not step over)
 //! ```
 
 use std::collections::{BTreeMap, HashMap};
@@ -18,7 +19,7 @@ use walcache_schemas::{Op, Position, Registry, SchemaError};
 
 use crate::config::{CacheConfig, TableSpec};
 use crate::metrics::Metrics;
-use crate::store::{Applied, TableStore};
+use crate::store::{Applied, Change, TableStore};
 use crate::watermark::Coverage;
 
 /// The key producers use for truncate markers.
@@ -33,9 +34,25 @@ pub struct TableView {
     floor: Mutex<Option<Position>>,
     /// A snapshot's floor, applied once a watermark covers the snapshot.
     pending_snapshot_floor: Mutex<Option<Position>>,
+    /// How far this table is complete, from the watermarks of the producer that feeds it.
+    coverage: watch::Sender<Option<Coverage>>,
+    /// That producer's name, once seen.
+    producer: Mutex<Option<String>>,
 }
 
 impl TableView {
+    pub fn coverage(&self) -> Option<Coverage> {
+        *self.coverage.borrow()
+    }
+
+    pub fn subscribe_coverage(&self) -> watch::Receiver<Option<Coverage>> {
+        self.coverage.subscribe()
+    }
+
+    pub fn producer(&self) -> Option<String> {
+        self.producer.lock().ok().and_then(|p| p.clone())
+    }
+
     pub fn floor(&self) -> Option<Position> {
         self.floor.lock().ok().and_then(|f| *f)
     }
@@ -55,10 +72,17 @@ impl TableView {
 pub enum Outcome {
     /// The event changed the view; its position.
     Applied(Op, Position),
+    /// The key changed at this position but its row is not available (the producer set the
+    /// change aside): the key now reads unknown.
+    Unavailable(Position),
     /// Valid, but it changed nothing (`not_newer`, `below_floor`, ...).
     Ignored(&'static str),
-    /// Invalid: to be dead-lettered with this reason.
+    /// Invalid: to be dead-lettered with this reason. Its key, when readable, now reads
+    /// unknown.
     Bad(BadMessage),
+    /// Invalid, and without a key it could make unknown (or an unreadable truncate marker):
+    /// stepping over it could leave any key old, so coverage must stop here.
+    Blocking(BadMessage),
 }
 
 /// Why a message was set aside.
@@ -69,20 +93,22 @@ pub struct BadMessage {
     pub key: Option<Json>,
 }
 
-fn bad(reason_code: &'static str, reason: impl Into<String>) -> Outcome {
-    Outcome::Bad(BadMessage { reason_code, reason: reason.into(), key: None })
+fn blocking(reason_code: &'static str, reason: impl Into<String>) -> Outcome {
+    Outcome::Blocking(BadMessage { reason_code, reason: reason.into(), key: None })
 }
 
-fn schema_bad(e: &SchemaError) -> Outcome {
-    let code = match e {
+fn schema_code(e: &SchemaError) -> &'static str {
+    match e {
         SchemaError::NotSingleObject => "not_single_object",
         SchemaError::UnknownSchema { .. } => "unknown_schema",
         SchemaError::WrongSchema { .. } => "wrong_schema",
         SchemaError::Avro(_) => "unresolvable",
         _ => "malformed",
-    };
-    bad(code, e.to_string())
+    }
 }
+
+/// The reason code a marker without the `walcache.unavailable` header gets.
+pub const ROW_UNAVAILABLE: &str = "row_unavailable";
 
 /// Per-partition state for status and lag.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -104,14 +130,23 @@ pub struct Restore {
     pub seconds: f64,
 }
 
+/// A message the view must not step over, and where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Blocked {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub reason: String,
+}
+
 /// The view.
 #[derive(Debug)]
 pub struct View {
     pub tables: Vec<TableView>,
     by_name: HashMap<String, usize>,
     by_topic: HashMap<String, usize>,
-    coverage: watch::Sender<Option<Coverage>>,
     ready: AtomicBool,
+    blocked: Mutex<Option<Blocked>>,
     restore: Mutex<Restore>,
     partitions: Mutex<BTreeMap<(String, i32), PartitionState>>,
     pub dead_letters: AtomicU64,
@@ -128,6 +163,8 @@ impl View {
                 store: TableStore::new(cache.capacity, cache.pages, cache.delete_retention),
                 floor: Mutex::new(None),
                 pending_snapshot_floor: Mutex::new(None),
+                coverage: watch::channel(None).0,
+                producer: Mutex::new(None),
             })
             .collect();
         let by_name = tables.iter().enumerate().map(|(i, t)| (t.spec.name.clone(), i)).collect();
@@ -137,8 +174,8 @@ impl View {
             tables,
             by_name,
             by_topic,
-            coverage: watch::channel(None).0,
             ready: AtomicBool::new(false),
+            blocked: Mutex::new(None),
             restore: Mutex::new(Restore::default()),
             partitions: Mutex::new(BTreeMap::new()),
             dead_letters: AtomicU64::new(0),
@@ -165,31 +202,72 @@ impl View {
 
     pub fn set_ready(&self) {
         self.ready.store(true, Ordering::Release);
-        self.metrics.ready.set(1);
         self.metrics.restore_progress.set(1.0);
-        self.health.set_ready();
-    }
-
-    pub fn coverage(&self) -> Option<Coverage> {
-        *self.coverage.borrow()
-    }
-
-    pub fn subscribe_coverage(&self) -> watch::Receiver<Option<Coverage>> {
-        self.coverage.subscribe()
-    }
-
-    /// New coverage from the watermarks; also applies snapshot floors it completes.
-    pub fn set_coverage(&self, coverage: Coverage) {
         for t in &self.tables {
-            let due =
-                t.pending_snapshot_floor.lock().ok().and_then(|mut p| p.take_if(|floor| floor.lsn <= coverage.lsn));
-            if let Some(floor) = due {
-                let removed = t.raise_floor(floor);
-                tracing::info!(table = %t.spec.name, removed, snapshot_lsn = %floor.lsn, "snapshot complete: rows it did not copy again are gone");
-            }
+            t.store.set_following();
         }
-        self.metrics.view_lsn.set(coverage.lsn.0 as f64);
-        self.coverage.send_replace(Some(coverage));
+        if self.blocked().is_none() {
+            self.metrics.ready.set(1);
+            self.health.set_ready();
+        }
+    }
+
+    /// A message the view cannot apply and must not step over: coverage stops before it and
+    /// the view answers "not ready" with the reason, until an operator deals with it.
+    pub fn block(&self, blocked: Blocked) {
+        let Ok(mut slot) = self.blocked.lock() else { return };
+        if slot.is_some() {
+            return;
+        }
+        tracing::error!(topic = %blocked.topic, partition = blocked.partition, offset = blocked.offset,
+            reason = %blocked.reason, "a message cannot be applied and has no key to set aside: the view stops covering here");
+        self.health.set_not_ready(format!(
+            "blocked at {}/{}/{}: {}; see docs/operations.md, \"A blocked view\"",
+            blocked.topic, blocked.partition, blocked.offset, blocked.reason
+        ));
+        self.metrics.ready.set(0);
+        *slot = Some(blocked);
+    }
+
+    pub fn blocked(&self) -> Option<Blocked> {
+        self.blocked.lock().ok().and_then(|b| b.clone())
+    }
+
+    /// The offset of `topic`/`partition` that coverage must not pass, if blocked there.
+    pub fn blocked_at(&self, topic: &str, partition: i32) -> Option<i64> {
+        self.blocked().filter(|b| b.topic == topic && b.partition == partition).map(|b| b.offset)
+    }
+
+    /// The coverage of table `index`.
+    pub fn coverage(&self, index: usize) -> Option<Coverage> {
+        self.tables[index].coverage()
+    }
+
+    /// The coverage every table shares (one producer feeds them all), for status and
+    /// single-table views; None when tables follow different producers.
+    pub fn shared_coverage(&self) -> Option<Coverage> {
+        let first = self.tables.first()?;
+        let producer = first.producer();
+        self.tables.iter().all(|t| t.producer() == producer).then(|| first.coverage()).flatten()
+    }
+
+    /// New coverage for table `index` from its producer's watermarks; also applies the
+    /// snapshot floor it completes.
+    pub fn set_coverage(&self, index: usize, coverage: Coverage, producer: Option<&str>) {
+        let t = &self.tables[index];
+        if let Some(name) = producer
+            && let Ok(mut p) = t.producer.lock()
+            && p.as_deref() != Some(name)
+        {
+            *p = Some(name.to_string());
+        }
+        let due = t.pending_snapshot_floor.lock().ok().and_then(|mut p| p.take_if(|floor| floor.lsn <= coverage.lsn));
+        if let Some(floor) = due {
+            let removed = t.raise_floor(floor);
+            tracing::info!(table = %t.spec.name, removed, snapshot_lsn = %floor.lsn, "snapshot complete: rows it did not copy again are gone");
+        }
+        self.metrics.view_lsn.with_label_values(&[&t.spec.name]).set(coverage.lsn.0 as f64);
+        t.coverage.send_replace(Some(coverage));
     }
 
     pub fn restore(&self) -> Restore {
@@ -216,41 +294,59 @@ impl View {
     }
 
     /// Applies one message of table `index`'s topic. `header_position` is the
-    /// `walcache.position` header (tombstones).
+    /// `walcache.position` header (tombstones); `unavailable` the `walcache.unavailable`
+    /// header (the reason a producer set the change aside).
     pub fn apply_table_message(
         &self,
         index: usize,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
         header_position: Option<Position>,
+        unavailable: Option<&str>,
         now_micros: i64,
     ) -> Outcome {
         let table = &self.tables[index];
         let contract = table.spec.contract;
         let registry = match Registry::builtin() {
             Ok(r) => r,
-            Err(e) => return schema_bad(&e),
+            Err(e) => return blocking(schema_code(&e), e.to_string()),
+        };
+        // The key first: whatever is wrong with the value, a readable key can be made unknown.
+        let key_body = match key {
+            Some(TRUNCATE_KEY) | None => None,
+            Some(k) => match registry.decode_key(contract, k) {
+                Ok(body) => Some(body),
+                Err(e) => return blocking(schema_code(&e), format!("unreadable key: {e}")),
+            },
+        };
+        let key_json = || key_body.and_then(|b| contract.key_plan.row_to_json(b).ok()).map(Json::Object);
+        // Not applied, but the key is known: it reads unknown until a newer valid event.
+        let unreadable = |code: &'static str, reason: String| {
+            if let Some(body) = key_body {
+                table.store.forget(body, code);
+            }
+            Outcome::Bad(BadMessage { reason_code: code, reason, key: key_json() })
         };
         let Some(value) = value else {
             // A tombstone. After compaction it may be all that is left of a delete.
-            let Some(key) = key else {
-                return bad("missing_key", "a tombstone without a key");
-            };
-            if key == TRUNCATE_KEY {
+            if key == Some(TRUNCATE_KEY) {
                 return Outcome::Ignored("marker_tombstone");
             }
-            let body = match registry.decode_key(contract, key) {
-                Ok(b) => b,
-                Err(e) => return schema_bad(&e),
+            let Some(body) = key_body else {
+                return blocking("missing_key", "a tombstone without a key");
             };
             let Some(position) = header_position else {
                 return Outcome::Ignored("tombstone_without_position");
             };
-            return self.store(table, body, &position, None, Op::Delete, now_micros);
+            return self.store(table, body, &position, Change::Delete, Op::Delete, now_micros);
         };
         let decoded = match registry.decode_value(contract, value) {
             Ok(d) => d,
-            Err(e) => return schema_bad(&e),
+            Err(e) if key_body.is_some() => return unreadable(schema_code(&e), e.to_string()),
+            Err(e) if key == Some(TRUNCATE_KEY) => {
+                return blocking(schema_code(&e), format!("unreadable truncate marker: {e}"));
+            }
+            Err(e) => return blocking(schema_code(&e), format!("unreadable event without a key: {e}")),
         };
         let env = decoded.envelope;
         if env.op == Op::Truncate {
@@ -261,10 +357,10 @@ impl View {
                     *pending = Some(env.position);
                 }
                 // Already covered (a restore that reads the marker after the watermark)?
-                if let Some(c) = self.coverage()
+                if let Some(c) = table.coverage()
                     && c.lsn >= env.position.lsn
                 {
-                    self.set_coverage(c);
+                    self.set_coverage(index, c, None);
                 }
             } else {
                 let removed = table.raise_floor(env.position);
@@ -272,33 +368,29 @@ impl View {
             }
             return Outcome::Applied(Op::Truncate, env.position);
         }
-        let Some(key) = key else {
-            return bad("missing_key", "a change event without a key");
+        let Some(body) = key_body else {
+            return blocking("missing_key", "a change event without a key");
         };
-        let body = match registry.decode_key(contract, key) {
-            Ok(b) => b,
-            Err(e) => return schema_bad(&e),
-        };
-        let key_json = || contract.key_plan.row_to_json(body).ok().map(Json::Object);
-        let image = if env.op == Op::Delete { env.before } else { env.after };
         if env.op != Op::Delete && env.after.is_none() {
-            return Outcome::Bad(BadMessage {
-                reason_code: "missing_row",
-                reason: format!("a {} event without its row", env.op.as_str()),
-                key: key_json(),
-            });
+            // The producer's "this key changed here, and its row is not available" marker.
+            let reason = unavailable.unwrap_or(ROW_UNAVAILABLE);
+            if table.floor().is_some_and(|f| !env.position.is_newer_than(&f)) {
+                return Outcome::Ignored("below_floor");
+            }
+            return match table.store.apply(body, &env.position, Change::Unavailable(reason), now_micros) {
+                Applied::Changed => Outcome::Unavailable(env.position),
+                Applied::Stale => Outcome::Ignored("not_newer"),
+                Applied::BelowForgotten => Outcome::Ignored("older_than_forgotten"),
+            };
         }
+        let image = if env.op == Op::Delete { env.before } else { env.after };
         if let Some(row) = image {
             match contract.key_matches_row(decoded.version, body, row) {
                 Ok(true) => {}
                 Ok(false) => {
-                    return Outcome::Bad(BadMessage {
-                        reason_code: "key_mismatch",
-                        reason: "the message key is not the key of the row it carries".into(),
-                        key: key_json(),
-                    });
+                    return unreadable("key_mismatch", "the message key is not the key of the row it carries".into());
                 }
-                Err(e) => return schema_bad(&e),
+                Err(e) => return unreadable(schema_code(&e), e.to_string()),
             }
         }
         let row = match (env.op, env.after) {
@@ -308,10 +400,14 @@ impl View {
             }
             (_, Some(after)) => match contract.resolve_row(decoded.version, table.spec.reader, after) {
                 Ok(r) => Some(std::borrow::Cow::Owned(r)),
-                Err(e) => return schema_bad(&e),
+                Err(e) => return unreadable(schema_code(&e), e.to_string()),
             },
         };
-        self.store(table, body, &env.position, row.as_deref(), env.op, now_micros)
+        let change = match row.as_deref() {
+            Some(r) => Change::Upsert(r),
+            None => Change::Delete,
+        };
+        self.store(table, body, &env.position, change, env.op, now_micros)
     }
 
     fn store(
@@ -319,16 +415,17 @@ impl View {
         table: &TableView,
         key: &[u8],
         position: &Position,
-        row: Option<&[u8]>,
+        change: Change<'_>,
         op: Op,
         now: i64,
     ) -> Outcome {
         if table.floor().is_some_and(|f| !position.is_newer_than(&f)) {
             return Outcome::Ignored("below_floor");
         }
-        match table.store.apply(key, position, row, now) {
+        match table.store.apply(key, position, change, now) {
             Applied::Changed => Outcome::Applied(op, *position),
             Applied::Stale => Outcome::Ignored("not_newer"),
+            Applied::BelowForgotten => Outcome::Ignored("older_than_forgotten"),
         }
     }
 }

@@ -1,18 +1,24 @@
-//! Turns producer watermarks into "the view is complete as of LSN X".
+//! Turns producer watermarks into "this table is complete as of LSN X".
 //!
 //! ```text
-//!  watermark {lsn, commit_ts, offsets: [(topic, partition, next offset)]} ──offer──► pending FIFO
-//!  our next offsets reach a pending watermark's offsets (for topics we read) ──advance──► coverage
+//!  watermark {producer, lsn, commit_ts, offsets: [(topic, partition, next offset)]}
+//!      │ lists none of our topics ─► ignored (another producer's, sharing the topic)
+//!      ▼
+//!  per producer: pending FIFO ── our next offsets reach its offsets ──► producer coverage
+//!      └─► every table whose topic that producer's watermarks list ──► table coverage
 //! ```
 //!
-//! Coverage only moves forward; a watermark written while the producer was still snapshotting
-//! does not count (the topics do not hold the whole table yet).
+//! LSNs are positions in one database's WAL, so coverage is kept per producer and given to
+//! the tables that producer feeds: a watermark of a producer on another database (sharing the
+//! default watermark topic) never says anything about our tables. Coverage only moves
+//! forward; a watermark written while the producer was still snapshotting does not count
+//! (the topics do not hold the whole table yet).
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 
 use walcache_schemas::{Lsn, ProducerState, Watermark};
 
-/// How far the view is complete.
+/// How far a table is complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Coverage {
     pub lsn: Lsn,
@@ -20,26 +26,38 @@ pub struct Coverage {
     pub commit_ts_micros: i64,
 }
 
-/// Pending watermarks and the coverage reached.
-#[derive(Debug)]
-pub struct Tracker {
-    producer: Option<String>,
-    topics: HashSet<String>,
+#[derive(Debug, Default)]
+struct ProducerTrack {
     pending: VecDeque<Watermark>,
     covered: Option<Coverage>,
 }
 
-/// Bound on remembered watermarks; when exceeded the oldest go (coverage just moves in
-/// coarser steps).
+/// Pending watermarks and the coverage reached, per producer.
+#[derive(Debug)]
+pub struct Tracker {
+    /// Only this producer's watermarks count (configured), or any that list our topics.
+    producer: Option<String>,
+    /// Our table topics, by table index.
+    topics: Vec<String>,
+    producers: HashMap<String, ProducerTrack>,
+    /// Which producer feeds each table (the last one whose watermark listed its topic).
+    feeder: Vec<Option<String>>,
+}
+
+/// Bound on remembered watermarks per producer; when exceeded the oldest go (coverage just
+/// moves in coarser steps).
 const MAX_PENDING: usize = 10_000;
 
 impl Tracker {
-    pub fn new(producer: Option<String>, topics: impl IntoIterator<Item = String>) -> Self {
-        Tracker { producer, topics: topics.into_iter().collect(), pending: VecDeque::new(), covered: None }
+    /// `topics[i]` is table `i`'s topic.
+    pub fn new(producer: Option<String>, topics: Vec<String>) -> Self {
+        let feeder = vec![None; topics.len()];
+        Tracker { producer, topics, producers: HashMap::new(), feeder }
     }
 
-    pub fn covered(&self) -> Option<Coverage> {
-        self.covered
+    /// The producer feeding table `index`, once one of its watermarks was seen.
+    pub fn feeder(&self, index: usize) -> Option<&str> {
+        self.feeder.get(index).and_then(|f| f.as_deref())
     }
 
     /// Takes a watermark in; returns whether it is of interest.
@@ -47,32 +65,54 @@ impl Tracker {
         if wm.state != ProducerState::Streaming || self.producer.as_deref().is_some_and(|p| p != wm.producer) {
             return false;
         }
-        let newest = self.pending.back().map(|w| w.lsn).or(self.covered.map(|c| c.lsn));
+        wm.offsets.retain(|o| self.topics.contains(&o.topic));
+        if wm.offsets.is_empty() {
+            return false;
+        }
+        for (index, topic) in self.topics.iter().enumerate() {
+            if wm.offsets.iter().any(|o| &o.topic == topic) && self.feeder[index].as_deref() != Some(&wm.producer) {
+                if let Some(previous) = &self.feeder[index] {
+                    tracing::warn!(topic = %topic, previous = %previous, producer = %wm.producer,
+                        "another producer now writes watermarks for this topic; its coverage is followed from now on");
+                }
+                self.feeder[index] = Some(wm.producer.clone());
+            }
+        }
+        let track = self.producers.entry(wm.producer.clone()).or_default();
+        let newest = track.pending.back().map(|w| w.lsn).or(track.covered.map(|c| c.lsn));
         if newest.is_some_and(|n| wm.lsn <= n) {
             return false;
         }
-        wm.offsets.retain(|o| self.topics.contains(&o.topic));
-        self.pending.push_back(wm);
-        while self.pending.len() > MAX_PENDING {
-            self.pending.pop_front();
+        track.pending.push_back(wm);
+        while track.pending.len() > MAX_PENDING {
+            track.pending.pop_front();
         }
         true
     }
 
     /// Advances coverage given each partition's next offset (`None`: not assigned to us).
-    /// Returns the new coverage when it moved.
-    pub fn advance(&mut self, next_offset: impl Fn(&str, i32) -> Option<i64>) -> Option<Coverage> {
-        let mut moved = None;
-        while let Some(front) = self.pending.front() {
-            let reached =
-                front.offsets.iter().all(|o| next_offset(&o.topic, o.partition).is_some_and(|n| n >= o.offset));
-            if !reached {
-                break;
+    /// Returns `(table index, coverage)` for every table whose coverage moved.
+    pub fn advance(&mut self, next_offset: impl Fn(&str, i32) -> Option<i64>) -> Vec<(usize, Coverage)> {
+        let mut moved = Vec::new();
+        for (name, track) in &mut self.producers {
+            let mut reached_any = false;
+            while let Some(front) = track.pending.front() {
+                let reached =
+                    front.offsets.iter().all(|o| next_offset(&o.topic, o.partition).is_some_and(|n| n >= o.offset));
+                if !reached {
+                    break;
+                }
+                track.covered = Some(Coverage { lsn: front.lsn, commit_ts_micros: front.commit_ts_micros });
+                track.pending.pop_front();
+                reached_any = true;
             }
-            let c = Coverage { lsn: front.lsn, commit_ts_micros: front.commit_ts_micros };
-            self.covered = Some(c);
-            moved = Some(c);
-            self.pending.pop_front();
+            if let (true, Some(c)) = (reached_any, track.covered) {
+                for (index, feeder) in self.feeder.iter().enumerate() {
+                    if feeder.as_deref() == Some(name.as_str()) {
+                        moved.push((index, c));
+                    }
+                }
+            }
         }
         moved
     }
@@ -99,27 +139,45 @@ mod tests {
 
     #[test]
     fn coverage_follows_our_positions() {
-        let mut t = Tracker::new(None, ["a".to_string()]);
+        let mut t = Tracker::new(None, vec!["a".to_string()]);
         assert!(t.offer(wm(10, ProducerState::Streaming, &[("a", 0, 5), ("a", 1, 3), ("other", 0, 99)])));
         assert!(t.offer(wm(20, ProducerState::Streaming, &[("a", 0, 8), ("a", 1, 3)])));
-        assert!(!t.offer(wm(15, ProducerState::Streaming, &[])), "older than what is pending");
-        assert!(!t.offer(wm(30, ProducerState::Snapshotting, &[])), "snapshotting never counts");
+        assert!(!t.offer(wm(15, ProducerState::Streaming, &[("a", 0, 8)])), "older than what is pending");
+        assert!(!t.offer(wm(30, ProducerState::Snapshotting, &[("a", 0, 8)])), "snapshotting never counts");
         let next = |p0: i64, p1: i64| move |_: &str, p: i32| Some(if p == 0 { p0 } else { p1 });
-        assert_eq!(t.advance(next(4, 3)), None);
-        assert_eq!(t.advance(next(5, 3)).map(|c| c.lsn), Some(Lsn(10)), "topics we do not read are ignored");
-        assert_eq!(t.advance(next(9, 3)).map(|c| c.lsn), Some(Lsn(20)));
-        assert_eq!(t.covered().map(|c| c.lsn), Some(Lsn(20)));
-        assert!(t.offer(wm(25, ProducerState::Streaming, &[])), "a heartbeat with nothing new");
-        assert_eq!(t.advance(next(9, 3)).map(|c| c.lsn), Some(Lsn(25)));
+        let lsns = |moved: Vec<(usize, Coverage)>| moved.into_iter().map(|(i, c)| (i, c.lsn.0)).collect::<Vec<_>>();
+        assert_eq!(lsns(t.advance(next(4, 3))), vec![]);
+        assert_eq!(lsns(t.advance(next(5, 3))), vec![(0, 10)], "topics we do not read are ignored");
+        assert_eq!(lsns(t.advance(next(9, 3))), vec![(0, 20)]);
+        assert!(t.offer(wm(25, ProducerState::Streaming, &[("a", 0, 8), ("a", 1, 3)])), "a heartbeat with nothing new");
+        assert_eq!(lsns(t.advance(next(9, 3))), vec![(0, 25)]);
     }
 
     #[test]
     fn unassigned_partitions_block_coverage() {
-        let mut t = Tracker::new(Some("p".into()), ["a".to_string()]);
+        let mut t = Tracker::new(Some("p".into()), vec!["a".to_string()]);
         t.offer(wm(10, ProducerState::Streaming, &[("a", 7, 1)]));
-        assert_eq!(t.advance(|_, _| None), None);
-        let mut other = wm(11, ProducerState::Streaming, &[]);
+        assert!(t.advance(|_, _| None).is_empty());
+        let mut other = wm(11, ProducerState::Streaming, &[("a", 7, 0)]);
         other.producer = "someone-else".into();
         assert!(!t.offer(other));
+    }
+
+    #[test]
+    fn another_producers_watermarks_say_nothing_about_our_tables() {
+        let mut t = Tracker::new(None, vec!["a".to_string(), "b".to_string()]);
+        let mut theirs = wm(1_000, ProducerState::Streaming, &[("their-topic", 0, 4)]);
+        theirs.producer = "other-database".into();
+        assert!(!t.offer(theirs), "lists none of our topics");
+        assert!(t.offer(wm(10, ProducerState::Streaming, &[("a", 0, 2)])));
+        let mut b = wm(5_000, ProducerState::Streaming, &[("b", 0, 1)]);
+        b.producer = "q".into();
+        assert!(t.offer(b), "table b is fed by another producer, on another database");
+        let moved: Vec<(usize, u64)> =
+            t.advance(|_, _| Some(10)).into_iter().map(|(i, c)| (i, c.lsn.0)).collect::<Vec<_>>();
+        let mut moved = moved;
+        moved.sort();
+        assert_eq!(moved, vec![(0, 10), (1, 5_000)], "each table follows its own producer's LSNs");
+        assert_eq!((t.feeder(0), t.feeder(1)), (Some("p"), Some("q")));
     }
 }

@@ -8,12 +8,15 @@
 //!  delete                  ─► envelope(op=delete, before?) + tombstone    ─► table topic
 //!  truncate                ─► envelope(op=truncate) under TRUNCATE_KEY    ─► table topic
 //!  contract violation      ─► DeadLetter JSON (table, key, LSN, reason)   ─► dead-letter topic
+//!   (or too large)           + key + envelope(op, no row), header        ─► table topic
+//!                              walcache.unavailable = reason: consumers hold the key as
+//!                              unknown from this position, never its older row as current
 //! ```
 
 use std::sync::Arc;
 
 use walcache_common::dead_letter::{DeadLetter, Stage};
-use walcache_schemas::{Op, Position, Violation, micros_to_rfc3339, now_micros, write_envelope};
+use walcache_schemas::{Op, Position, UNAVAILABLE_HEADER, Violation, micros_to_rfc3339, now_micros, write_envelope};
 
 use crate::ProducerError;
 use crate::binding::{Binding, TableRuntime};
@@ -99,7 +102,7 @@ impl Emitter {
     ) -> Result<(), ProducerError> {
         let table = Arc::clone(&binding.table);
         if let Err(v) = binding.encode_key(message, new, &mut self.key) {
-            return self.dead_letter(sink, binding, &v, op, message, new, position).await;
+            return self.dead_letter(sink, binding, &v, op, message, new, position, KeyState::Unreadable).await;
         }
         let mut op = op;
         let full_old = old.and_then(|(k, cols)| (k == OldTuple::Full).then_some(cols));
@@ -114,7 +117,7 @@ impl Emitter {
             }
         }
         if let Err(v) = binding.encode_row(message, new, full_old, &mut self.row) {
-            return self.dead_letter(sink, binding, &v, op, message, new, position).await;
+            return self.dead_letter(sink, binding, &v, op, message, new, position, KeyState::Encoded).await;
         }
         let with_before = full_old
             .is_some_and(|cols| op == Op::Update && binding.encode_row(message, cols, None, &mut self.before).is_ok());
@@ -130,7 +133,8 @@ impl Emitter {
             // letter small enough to deliver (set_aside advances the position).
             Err(ProducerError::MessageTooLarge { bytes, .. }) => {
                 let key = binding.key_json(message, new);
-                self.set_aside(sink, binding, op, key, position, too_large(bytes, sink.max_message_bytes())).await
+                let reason = too_large(bytes, sink.max_message_bytes());
+                self.set_aside(sink, binding, op, key, position, reason, KeyState::Encoded).await
             }
             Err(e) => Err(e),
         }
@@ -180,7 +184,7 @@ impl Emitter {
         position: &mut Position,
     ) -> Result<(), ProducerError> {
         if let Err(v) = binding.encode_key(message, old, &mut self.key) {
-            return self.dead_letter(sink, binding, &v, Op::Delete, message, old, position).await;
+            return self.dead_letter(sink, binding, &v, Op::Delete, message, old, position, KeyState::Unreadable).await;
         }
         let full = (old_kind == OldTuple::Full).then_some(old);
         self.emit_delete(sink, binding, message, full, position).await
@@ -206,7 +210,7 @@ impl Emitter {
         // The tombstone lets compaction forget the key. Compaction may also drop the delete
         // event before it, so the tombstone carries the same position in a header.
         let no_count = DeliveryTag { events: None, bytes: None };
-        sink.send_with_position(table.index, &self.key_message, None, Some(position), no_count).await?;
+        sink.send_with_position(table.index, &self.key_message, None, position, no_count).await?;
         position.index += 1;
         Ok(())
     }
@@ -249,6 +253,7 @@ impl Emitter {
         message: &[u8],
         columns: &[ColumnRef],
         position: &mut Position,
+        key_state: KeyState,
     ) -> Result<(), ProducerError> {
         let reason = SetAside {
             code: violation.code(),
@@ -257,12 +262,15 @@ impl Emitter {
             row: Some(binding.row_json(message, columns)),
         };
         let key = binding.key_json(message, columns);
-        self.set_aside(sink, binding, op, key, position, reason).await
+        self.set_aside(sink, binding, op, key, position, reason, key_state).await
     }
 
     /// Writes the dead letter for a change at `position`. A record too large with the row's
     /// values in it goes without them: the key, position and reason are what an operator
-    /// needs to find the row in Postgres.
+    /// needs to find the row in Postgres. With the key encoded (in `self.key`), the table
+    /// topic gets the key's "row unavailable" marker at the same position, so no consumer
+    /// keeps serving the key's older row as current.
+    #[allow(clippy::too_many_arguments)]
     async fn set_aside(
         &mut self,
         sink: &mut Sink,
@@ -271,6 +279,7 @@ impl Emitter {
         key: Option<serde_json::Value>,
         position: &mut Position,
         reason: SetAside,
+        key_state: KeyState,
     ) -> Result<(), ProducerError> {
         let table = &binding.table;
         tracing::warn!(
@@ -324,9 +333,30 @@ impl Emitter {
                 other => break other?,
             }
         }
+        if key_state == KeyState::Encoded && op != Op::Delete {
+            self.key_message.clear();
+            self.key_message.extend_from_slice(&table.spec.contract.key.header);
+            self.key_message.extend_from_slice(&self.key);
+            self.message.clear();
+            write_envelope(&mut self.message, &table.version.doc.header, op, None, None, position, &table.qualified);
+            let tag = DeliveryTag {
+                events: Some(self.metrics.unavailable_markers.with_label_values(&[&table.qualified])),
+                bytes: None,
+            };
+            let headers: [(&str, &[u8]); 1] = [(UNAVAILABLE_HEADER, code.as_bytes())];
+            sink.send_with_headers(table.index, &self.key_message, Some(&self.message), &headers, tag).await?;
+        }
         position.index += 1;
         Ok(())
     }
+}
+
+/// Whether the key of a set-aside change could be encoded (and so be marked unavailable on
+/// the table topic). A change whose key cannot be encoded has no key a consumer could hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KeyState {
+    Encoded,
+    Unreadable,
 }
 
 /// What a dead letter says about why a change was set aside.

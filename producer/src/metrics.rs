@@ -12,6 +12,7 @@ pub const IN_FLIGHT: &str = "walcache_producer_in_flight_messages";
 pub const CONFIRMED_LSN: &str = "walcache_producer_confirmed_lsn";
 pub const SLOT_LAG_BYTES: &str = "walcache_producer_slot_lag_bytes";
 pub const DEAD_LETTERS_TOTAL: &str = "walcache_producer_dead_letters_total";
+pub const UNAVAILABLE_MARKERS_TOTAL: &str = "walcache_producer_unavailable_markers_total";
 pub const SNAPSHOT_ROWS_TOTAL: &str = "walcache_producer_snapshot_rows_total";
 pub const SNAPSHOT_PROGRESS: &str = "walcache_producer_snapshot_progress_ratio";
 pub const WATERMARKS_TOTAL: &str = "walcache_producer_watermarks_total";
@@ -32,6 +33,7 @@ pub struct Metrics {
     pub confirmed_lsn: Gauge,
     pub slot_lag_bytes: Gauge,
     pub dead_letters: IntCounterVec,
+    pub unavailable_markers: IntCounterVec,
     pub snapshot_rows: IntCounterVec,
     pub snapshot_progress: GaugeVec,
     pub watermarks: IntCounterVec,
@@ -69,6 +71,13 @@ impl Metrics {
                 Opts::new(DEAD_LETTERS_TOTAL, "Rows set aside on the dead-letter topic"),
                 &["table", "reason"],
             )?,
+            unavailable_markers: IntCounterVec::new(
+                Opts::new(
+                    UNAVAILABLE_MARKERS_TOTAL,
+                    "Row-unavailable markers acknowledged on table topics (one per set-aside change with a key)",
+                ),
+                &["table"],
+            )?,
             snapshot_rows: IntCounterVec::new(
                 Opts::new(SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot"),
                 &["table"],
@@ -98,6 +107,7 @@ impl Metrics {
         m.registry.register(Box::new(m.confirmed_lsn.clone()))?;
         m.registry.register(Box::new(m.slot_lag_bytes.clone()))?;
         m.registry.register(Box::new(m.dead_letters.clone()))?;
+        m.registry.register(Box::new(m.unavailable_markers.clone()))?;
         m.registry.register(Box::new(m.snapshot_rows.clone()))?;
         m.registry.register(Box::new(m.snapshot_progress.clone()))?;
         m.registry.register(Box::new(m.watermarks.clone()))?;

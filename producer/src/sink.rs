@@ -207,7 +207,7 @@ impl Sink {
         value: Option<&[u8]>,
         tag: DeliveryTag,
     ) -> Result<(), ProducerError> {
-        self.send_with_position(topic, key, value, None, tag).await
+        self.send_with_headers(topic, key, value, &[], tag).await
     }
 
     /// Like [`send`](Self::send), with the position in the `walcache.position` header (used
@@ -217,7 +217,19 @@ impl Sink {
         topic: TopicId,
         key: &[u8],
         value: Option<&[u8]>,
-        position: Option<&Position>,
+        position: &Position,
+        tag: DeliveryTag,
+    ) -> Result<(), ProducerError> {
+        self.send_with_headers(topic, key, value, &[(POSITION_HEADER, &position.to_header()[..])], tag).await
+    }
+
+    /// Like [`send`](Self::send), with Kafka headers.
+    pub async fn send_with_headers(
+        &mut self,
+        topic: TopicId,
+        key: &[u8],
+        value: Option<&[u8]>,
+        headers: &[(&str, &[u8])],
         tag: DeliveryTag,
     ) -> Result<(), ProducerError> {
         while self.in_flight >= self.max_in_flight {
@@ -228,10 +240,11 @@ impl Sink {
             if let Some(v) = value {
                 record = record.payload(v);
             }
-            if let Some(p) = position {
-                record = record.headers(
-                    OwnedHeaders::new().insert(Header { key: POSITION_HEADER, value: Some(&p.to_header()[..]) }),
-                );
+            if !headers.is_empty() {
+                let owned = headers
+                    .iter()
+                    .fold(OwnedHeaders::new(), |h, (key, value)| h.insert(Header { key, value: Some(*value) }));
+                record = record.headers(owned);
             }
             match self.producer.send_result(record) {
                 Ok(future) => {

@@ -17,6 +17,13 @@ use crate::framing::HEADER_LEN;
 use crate::plan::RowPlan;
 use crate::position::{Lsn, Position};
 
+/// Kafka header on a "row unavailable" marker: an envelope of a non-delete op with no `after`
+/// row, which says "this key changed at this position, and its row is not available" (the
+/// producer set the change aside on the dead-letter topic). The header's value is the reason
+/// code. A consumer holds the key as unknown from that position until a newer valid event. The
+/// marker has a value, so compaction keeps it like any other latest event of its key.
+pub const UNAVAILABLE_HEADER: &str = "walcache.unavailable";
+
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -24,7 +24,7 @@ pub mod text;
 pub mod watermark;
 
 pub use courier::{CourierPerformance, TableContract, Tier};
-pub use envelope::{EnvelopeRef, Op, read_envelope, write_envelope};
+pub use envelope::{EnvelopeRef, Op, UNAVAILABLE_HEADER, read_envelope, write_envelope};
 pub use error::SchemaError;
 pub use plan::{FieldKind, FieldPlan, RowPlan};
 pub use position::{Lsn, POSITION_HEADER, Position, micros_to_rfc3339, now_micros};

@@ -106,7 +106,7 @@ pub fn materialize(events: &[Event]) -> BTreeMap<i64, Map<String, Json>> {
 /// change after a newer one for the first time.
 pub fn check_order_per_key(events: &[Event]) -> Result<(), String> {
     let mut partition_of: HashMap<i64, i32> = HashMap::new();
-    let mut newest: HashMap<i64, Position> = HashMap::new();
+    let mut newest: HashMap<i64, (Position, i64)> = HashMap::new();
     let mut seen: HashMap<i64, Vec<Position>> = HashMap::new();
     for e in events.iter().filter(|e| e.op.is_some()) {
         let (Some(key), Some(pos)) = (e.key, e.position) else {
@@ -121,13 +121,26 @@ pub fn check_order_per_key(events: &[Event]) -> Result<(), String> {
         if history.contains(&pos) {
             continue;
         }
-        if let Some(n) = newest.get(&key)
+        if let Some((n, at)) = newest.get(&key)
             && !pos.is_newer_than(n)
         {
-            return Err(format!("key {key}: new event at {pos:?} arrived after {n:?}"));
+            // Everything about the key, so a rare failure can be understood from the log.
+            let trail: Vec<String> = events
+                .iter()
+                .filter(|x| x.key == Some(key))
+                .map(|x| format!("offset {} {:?} {:?}", x.offset, x.op, x.position.map(|p| (p.lsn.0, p.index, p.txid))))
+                .collect();
+            return Err(format!(
+                "key {key}: new event at offset {} {pos:?} arrived after offset {at} {n:?}; partition {} holds {} events; \
+                 the key's events:\n  {}",
+                e.offset,
+                e.partition,
+                events.iter().filter(|x| x.partition == e.partition).count(),
+                trail.join("\n  ")
+            ));
         }
         history.push(pos);
-        newest.insert(key, pos);
+        newest.insert(key, (pos, e.offset));
     }
     Ok(())
 }

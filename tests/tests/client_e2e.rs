@@ -166,6 +166,9 @@ async fn verify_stays_quiet_on_a_healthy_view_and_finds_injected_drift() {
         committed.len()
     );
     assert!(report.matching > 0, "{report:#?}");
+    // The view is honest about the row it could not take: unknown, not absent.
+    let (status, body) = consumer.row(13).await;
+    assert_eq!((status, body["state"].as_str()), (409, Some("unknown")), "{body}");
 
     // Drift 1: a row removed from the view (a delete the source never made).
     let registry = Registry::builtin().expect("registry");
@@ -261,6 +264,78 @@ async fn the_cli_answers_with_helpful_exit_codes() {
         .expect("cli");
     assert_eq!(out.status.code(), Some(5));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is walcache-consumer running"));
+    consumer.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancelled_half_open_probe_is_given_back() {
+    let port = free_port();
+    let hung_cache = BlackHole::bind(port).await;
+    let client = Client::new(
+        &format!("http://127.0.0.1:{port}"),
+        ClientOptions {
+            timeout: Duration::from_millis(500),
+            retries: 0,
+            breaker: BreakerConfig { failure_threshold: 1, open_for: Duration::from_millis(100) },
+            ..ClientOptions::default()
+        },
+    )
+    .expect("client");
+    let options = ReadOptions::default();
+    let read = || client.get::<CourierPerformance>(&7, &options);
+    assert!(matches!(read().await, Err(ClientError::Timeout(_))));
+    assert_eq!(client.breaker().state(), BreakerState::Open);
+    wait_for("the breaker to half-open", Duration::from_secs(30), || async {
+        (client.breaker().state() == BreakerState::HalfOpen).then_some(())
+    })
+    .await;
+    // The probe's caller gives up (a request timeout of its own, a client disconnect).
+    let reached = hung_cache.accepted();
+    assert!(tokio::time::timeout(Duration::from_millis(100), read()).await.is_err(), "the probe was cancelled");
+    wait_for("the probe to reach the cache", Duration::from_secs(30), || async {
+        (hung_cache.accepted() > reached).then_some(())
+    })
+    .await;
+    // The next call probes again instead of being refused for ever.
+    let reached = hung_cache.accepted();
+    let next = read().await;
+    assert!(matches!(next, Err(ClientError::Timeout(_))), "a new probe, not a refusal: {next:?}");
+    assert!(hung_cache.accepted() > reached, "the new probe reached the cache");
+    hung_cache.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_on_a_lagging_view_answers_in_time_and_never_trips_the_breaker() {
+    let db = TestDb::create().await;
+    db.seed(1, 10).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let consumer = p.start_consumer("").await;
+    consumer.wait_ready(Duration::from_secs(30)).await;
+    let client = Client::new(
+        &consumer.base,
+        ClientOptions {
+            timeout: Duration::from_secs(1),
+            retries: 0,
+            breaker: BreakerConfig { failure_threshold: 1, open_for: OPEN_FOR },
+            ..ClientOptions::default()
+        },
+    )
+    .expect("client");
+    // The caller's own commit, and its position as the client helper reads it.
+    let pg = db.client().await;
+    pg.execute("UPDATE courier_performance SET deliveries = 5 WHERE courier_id = 3", &[]).await.expect("update");
+    let mine = walcache_client::current_lsn(&pg).await.expect("lsn");
+    let read = client.get::<CourierPerformance>(&3, &ReadOptions::default().min_lsn(mine)).await.expect("read");
+    assert_eq!(read.value.map(|c| c.deliveries), Some(5), "read-your-writes");
+    // A position the view will not reach within the server's default wait: the answer is
+    // "not reached", not a client timeout, and a lagging view is not a failing cache.
+    let ahead = walcache_client::Lsn(mine.0 + (1 << 30));
+    let lagging = client.get::<CourierPerformance>(&3, &ReadOptions::default().min_lsn(ahead)).await;
+    assert!(matches!(lagging, Err(ClientError::MinLsnNotReached(_))), "{lagging:?}");
+    assert_eq!(client.breaker().state(), BreakerState::Closed);
     consumer.stop().await;
     producer.stop().await.expect("drain");
 }

@@ -248,48 +248,237 @@ async fn garbage_and_unknown_schemas_are_dead_lettered_once_and_the_consumer_kee
     produce(&p.kafka, &p.topic, Some(0), Some(&key5), Some(b"not avro at all")).await;
     produce(&p.kafka, &p.topic, Some(0), Some(&key5), Some(&unknown)).await;
     produce(&p.kafka, &p.topic, Some(valid_for_6.partition), Some(&key5), valid_for_6.value.as_deref()).await;
-    produce(&p.kafka, &p.topic, Some(1), None, valid_for_6.value.as_deref()).await;
 
-    let letters = wait_for("four consumer dead letters", Duration::from_secs(30), || async {
-        let l: Vec<DeadLetter> = read_all(&p.kafka, &p.dead_letter)
+    let consumer_letters = || async {
+        read_all(&p.kafka, &p.dead_letter)
             .await
             .iter()
             .filter_map(|r| serde_json::from_slice::<DeadLetter>(r.value.as_deref()?).ok())
             .filter(|l| l.stage == Stage::Consumer)
-            .collect();
-        (l.len() >= 4).then_some(l)
+            .collect::<Vec<_>>()
+    };
+    let letters = wait_for("three consumer dead letters", Duration::from_secs(30), || async {
+        let l = consumer_letters().await;
+        (l.len() >= 3).then_some(l)
     })
     .await;
     let mut codes: Vec<&str> = letters.iter().map(|l| l.reason_code.as_str()).collect();
     codes.sort_unstable();
-    assert_eq!(codes, vec!["key_mismatch", "missing_key", "not_single_object", "unknown_schema"]);
+    assert_eq!(codes, vec!["key_mismatch", "not_single_object", "unknown_schema"]);
     assert!(letters.iter().all(|l| l.origin.is_some() && l.raw_value_base64.is_some()));
-    assert_eq!(c.running.view.dead_letters.load(std::sync::atomic::Ordering::Relaxed), 4);
+    assert_eq!(c.running.view.dead_letters.load(std::sync::atomic::Ordering::Relaxed), 3);
     assert_eq!(c.metrics.dead_letters.with_label_values(&["unknown_schema"]).get(), 1);
 
-    // Still serving, still applying.
+    // Key 5 had changes the view could not read: it cannot vouch for its old row any more.
+    let (status, body) = c.row(5).await;
+    assert_eq!((status, body["state"].as_str()), (409, Some("unknown")), "{body}");
+    assert_eq!(body["reason"], "key_mismatch", "the last unreadable change says why: {body}");
+    // Still serving, still applying: a newer valid change makes it present again.
     let client = db.client().await;
     client.execute("UPDATE courier_performance SET deliveries = 777 WHERE courier_id = 5", &[]).await.expect("update");
     let lsn = commit_lsn(&client).await;
     let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/5?min_lsn={lsn}&wait_ms=30000")).await;
     assert_eq!((status, body["value"]["deliveries"].as_i64()), (200, Some(777)), "{body}");
     let (_, body) = c.row(6).await;
-    assert_eq!(body["value"]["courier_id"], 6, "the mismatched copy did not touch key 5 or 6");
+    assert_eq!(body["value"]["courier_id"], 6, "the mismatched copy did not touch key 6");
+
+    // An event without a key cannot be set aside per key: stepping over it could leave any key
+    // old, so the view stops there and says so.
+    produce(&p.kafka, &p.topic, Some(1), None, valid_for_6.value.as_deref()).await;
+    wait_for("the keyless event to block the view", Duration::from_secs(30), || async {
+        (consumer_letters().await.len() >= 4).then_some(())
+    })
+    .await;
+    let (status, body) = wait_for("the view to say it is blocked", Duration::from_secs(30), || async {
+        let (status, body) = c.row(6).await;
+        (status == 503).then_some((status, body))
+    })
+    .await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("blocked")), "{body}");
+    assert!(body["message"].as_str().is_some_and(|m| m.contains("missing_key")), "{body}");
+    let (status, body) = c.get("/v1/status").await;
+    assert_eq!((status, body["ready"].as_bool()), (200, Some(false)), "{body}");
+    assert_eq!(body["blocked"]["partition"], 1, "{body}");
+    let (status, _) = c.get("/readyz").await;
+    assert_eq!(status, 503, "a blocked view is not ready");
     c.stop().await;
 
-    // A restart reads the garbage again but does not report it twice.
+    // A restart reads the garbage again but does not report it twice, and blocks again.
     let again = p.start_consumer("").await;
     again.wait_ready(Duration::from_secs(30)).await;
     assert_eq!(again.running.view.dead_letters.load(std::sync::atomic::Ordering::Relaxed), 4, "counted again");
+    assert!(again.running.view.blocked().is_some());
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let total = read_all(&p.kafka, &p.dead_letter)
+    assert_eq!(consumer_letters().await.len(), 4, "published once per message, across restarts");
+    again.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+/// The producer's own dead letters (reason codes by courier id).
+async fn producer_letters(p: &Pipeline) -> Vec<(i64, String)> {
+    read_all(&p.kafka, &p.dead_letter)
         .await
         .iter()
         .filter_map(|r| serde_json::from_slice::<DeadLetter>(r.value.as_deref()?).ok())
-        .filter(|l| l.stage == Stage::Consumer)
-        .count();
-    assert_eq!(total, 4, "published once per message, across restarts");
+        .filter(|l| l.stage == Stage::Producer)
+        .filter_map(|l| {
+            // The key as Postgres printed it (text), as the dead letter keeps it.
+            let id = l.key.as_ref()?.get("courier_id")?;
+            let id = id.as_i64().or_else(|| id.as_str()?.parse().ok())?;
+            Some((id, l.reason_code))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_set_aside_upstream_reads_unknown_never_the_old_row_as_current() {
+    let db = TestDb::create().await;
+    db.seed(1, 20).await;
+    let client = db.client().await;
+    // A row that breaks the contract before the snapshot copies it.
+    client.execute("UPDATE courier_performance SET rating = NULL WHERE courier_id = 7", &[]).await.expect("break 7");
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let c = p.start_consumer("").await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let lsn = commit_lsn(&client).await;
+    let (status, held) = c.get(&format!("/v1/tables/courier_performance/rows/5?min_lsn={lsn}&wait_ms=30000")).await;
+    assert_eq!(status, 200, "{held}");
+
+    // An update that breaks the contract: set aside by the producer.
+    client
+        .execute("UPDATE courier_performance SET rating = NULL, deliveries = 999 WHERE courier_id = 5", &[])
+        .await
+        .expect("break 5");
+    let lsn = commit_lsn(&client).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/5?min_lsn={lsn}&wait_ms=30000")).await;
+    assert_eq!((status, body["state"].as_str()), (409, Some("unknown")), "never the old row as current: {body}");
+    assert!(body["value"].is_null(), "{body}");
+    let letters = producer_letters(&p).await;
+    let code_of = |id: i64| letters.iter().find(|(k, _)| *k == id).map(|(_, c)| c.clone()).expect("a dead letter");
+    assert_eq!(body["reason"].as_str(), Some(code_of(5).as_str()), "the answer says why: {body}");
+    let old_lsn: Lsn = held["as_of"]["row_lsn"].as_str().expect("lsn").parse().expect("lsn");
+    let new_lsn: Lsn = body["as_of"]["row_lsn"].as_str().expect("the change's position").parse().expect("lsn");
+    assert!(new_lsn > old_lsn && new_lsn <= lsn, "unknown from the set-aside change's position on: {body}");
+
+    // A snapshot row that broke the contract is unknown too, not absent (which is final).
+    let (status, body) = c.row(7).await;
+    assert_eq!((status, body["state"].as_str()), (409, Some("unknown")), "{body}");
+    assert_eq!(body["reason"].as_str(), Some(code_of(7).as_str()));
+    let (_, status) = c.get("/v1/status").await;
+    assert_eq!(status["tables"][0]["unknown"], 2, "{status}");
+
+    // A restart rebuilds the same from the compacted topic: the markers are on it.
+    let again = p.start_consumer("").await;
+    again.wait_ready(Duration::from_secs(30)).await;
+    for key in [5, 7] {
+        let (status, body) = again.row(key).await;
+        assert_eq!((status, body["state"].as_str()), (409, Some("unknown")), "key {key} after a restart: {body}");
+    }
     again.stop().await;
+
+    // Repaired at the source: the newer valid change is served again.
+    client.execute("UPDATE courier_performance SET rating = 4.5 WHERE courier_id IN (5, 7)", &[]).await.expect("fix");
+    let lsn = commit_lsn(&client).await;
+    for (key, deliveries) in [(5, Some(999)), (7, None)] {
+        let (status, body) =
+            c.get(&format!("/v1/tables/courier_performance/rows/{key}?min_lsn={lsn}&wait_ms=30000")).await;
+        assert_eq!((status, body["state"].as_str()), (200, Some("present")), "{body}");
+        if let Some(d) = deliveries {
+            assert_eq!(body["value"]["deliveries"], d);
+        }
+    }
+    c.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_partitions_do_not_hold_coverage_back() {
+    let db = TestDb::create().await;
+    db.seed(1, 3).await;
+    let mut p = Pipeline::new(&db);
+    p.partitions = 6;
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let c = p.start_consumer("").await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let empty =
+        walcache_tests::kafka::high_watermarks(&p.kafka, &p.topic).await.iter().filter(|(_, h)| *h == 0).count();
+    assert!(empty > 0, "3 rows on 6 partitions leave some empty");
+    let client = db.client().await;
+    client.execute("UPDATE courier_performance SET deliveries = 31 WHERE courier_id = 2", &[]).await.expect("update");
+    let lsn = commit_lsn(&client).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/2?min_lsn={lsn}&wait_ms=30000")).await;
+    assert_eq!((status, body["value"]["deliveries"].as_i64()), (200, Some(31)), "{body}");
+    let (status, body) = c.get("/v1/tables/courier_performance/rows/2?max_staleness_ms=5000").await;
+    assert_eq!(status, 200, "{body}");
+    c.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_producers_watermarks_never_cover_this_table() {
+    let db = TestDb::create().await;
+    db.seed(1, 10).await;
+    let other_db = TestDb::create().await;
+    other_db.seed(1, 10).await;
+    let p = Pipeline::new(&db);
+    // A second producer on another database, sharing the watermark topic (as the default
+    // `walcache.watermarks` would).
+    let mut other = Pipeline::new(&other_db);
+    other.watermarks = p.watermarks.clone();
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let other_producer = other.start_in_process();
+    other_producer.wait_ready(Duration::from_secs(60)).await;
+    let c = p.start_consumer("").await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let client = db.client().await;
+    let lsn = commit_lsn(&client).await;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/3?min_lsn={lsn}&wait_ms=30000")).await;
+    assert_eq!(status, 200, "{body}");
+
+    // This table's producer stops; the other keeps writing heartbeats with later LSNs (one
+    // cluster, one WAL). A change here is not in the view, and nothing may say it is.
+    producer.stop().await.expect("drain");
+    client.execute("UPDATE courier_performance SET deliveries = 55 WHERE courier_id = 3", &[]).await.expect("update");
+    let lsn = commit_lsn(&client).await;
+    let other_client = other_db.client().await;
+    other_client
+        .execute("UPDATE courier_performance SET deliveries = 1 WHERE courier_id = 1", &[])
+        .await
+        .expect("other");
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/3?min_lsn={lsn}&wait_ms=3000")).await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("min_lsn_not_reached")), "{body}");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (status, body) = c.get("/v1/tables/courier_performance/rows/3?max_staleness_ms=1500").await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("too_stale")), "a stopped producer's table ages: {body}");
+    let (_, status) = c.get("/v1/status").await;
+    assert!(status["tables"][0]["producer"].is_string(), "{status}");
+    c.stop().await;
+    other_producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_started_before_its_topics_waits_for_them() {
+    let db = TestDb::create().await;
+    db.seed(1, 5).await;
+    let p = Pipeline::new(&db);
+    let c = p.start_consumer("").await;
+    let (status, body) = wait_for("the consumer to say what it waits for", Duration::from_secs(30), || async {
+        let (status, body) = c.get("/readyz").await;
+        body.to_string().contains("does not exist yet").then_some((status, body))
+    })
+    .await;
+    assert_eq!(status, 503, "{body}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(!c.running.applier_finished(), "the consumer keeps waiting instead of exiting");
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    c.wait_ready(Duration::from_secs(60)).await;
+    wait_view_matches_table(&c, &db).await;
+    c.stop().await;
     producer.stop().await.expect("drain");
 }
 

@@ -205,7 +205,7 @@ async fn a_row_over_the_message_limit_is_set_aside_and_the_pipeline_moves_on() {
     let after = db.current_lsn().await;
 
     // Everything else arrives; the three big rows do not (they are not in the view).
-    converge_to(&p, || async {
+    let events = converge_to(&p, || async {
         let mut view = db.contract_view().await;
         for big in [900, 901] {
             view.remove(&big);
@@ -230,6 +230,19 @@ async fn a_row_over_the_message_limit_is_set_aside_and_the_pipeline_moves_on() {
         assert_eq!(letter.reason_code, expected, "{letter:?}");
     }
     assert!(by_key["{\"courier_id\":\"900\"}"].0.op.as_deref() == Some("snapshot"));
+    // On the table topic, each big row's key says "changed here, row not available", at the
+    // dead letter's position, so no consumer serves an older row of it as current.
+    for id in [900, 901, 902] {
+        let (letter, _) = by_key[&format!("{{\"courier_id\":\"{id}\"}}")];
+        let marker = events
+            .iter()
+            .find(|e| {
+                e.key == Some(id) && e.op.is_some_and(|op| op != walcache_schemas::Op::Delete) && e.after.is_none()
+            })
+            .unwrap_or_else(|| panic!("no row-unavailable marker for {id}"));
+        let position = marker.position.expect("a position");
+        assert_eq!((Some(position.lsn), Some(position.txid)), (letter.lsn, letter.txid), "{id}");
+    }
     producer.stop().await.expect("drain");
 }
 

@@ -774,7 +774,7 @@ fn memory_child(mode: &str, rows: i64) -> Result<()> {
             for g in 1..=rows {
                 row_of(g, &mut buf);
                 let key = contract.key_from_text(&[&g.to_string()]).map_err(|e| anyhow::anyhow!("{e}"))?;
-                store.apply(&key, &position(g), Some(&buf), 0);
+                store.apply(&key, &position(g), walcache_consumer::store::Change::Upsert(&buf), 0);
             }
             store.settle();
             let used = rss_bytes() - base;
