@@ -59,11 +59,20 @@ struct OpsState {
 
 /// `/metrics`, `/healthz`, `/readyz`.
 pub fn router(registry: Registry, health: Arc<Health>) -> Router {
+    metrics_router(registry).merge(probes_router(health))
+}
+
+/// `/metrics` alone (a daemon may protect it apart from the probes).
+pub fn metrics_router(registry: Registry) -> Router {
+    Router::new().route("/metrics", get(metrics)).with_state(OpsState { registry, health: Arc::new(Health::default()) })
+}
+
+/// `/healthz` and `/readyz`: what orchestrators probe, never behind a token.
+pub fn probes_router(health: Arc<Health>) -> Router {
     Router::new()
-        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
-        .with_state(OpsState { registry, health })
+        .with_state(OpsState { registry: Registry::new(), health })
 }
 
 async fn metrics(State(state): State<OpsState>) -> Response {

@@ -5,8 +5,12 @@
 //!  POST /v1/tables/{table}/batch        {"keys": [42, 43], "min_lsn": ..., "wait_ms": ..., "max_staleness_ms": ...}
 //!  GET  /v1/tables/{table}/export       NDJSON: every held key with its position (for verify)
 //!  GET  /v1/status                      positions, lag, watermark, readiness, entries, evictions
-//!  GET  /healthz /readyz /metrics       (no token needed)
+//!  GET  /healthz /readyz                (no token needed)
+//!  GET  /metrics                        (the token too, when the listener is not loopback)
 //! ```
+//!
+//! Limits (tower layers): a request timeout, a body size limit, a cap on requests in flight
+//! (more are shed with 503 `overloaded`, not queued) and one on `min_lsn` reads waiting.
 //!
 //! Every answer says as of when it is true: the row's own position (LSN, commit time) and the
 //! table's (the watermark of the producer feeding it, which it is complete up to), plus
@@ -38,8 +42,21 @@ use crate::watermark::Coverage;
 pub struct Api {
     pub view: Arc<View>,
     pub token: Option<Secret>,
+    /// Required for exports when set (the read token is then not enough).
+    pub export_token: Option<Secret>,
     pub max_batch: usize,
     pub max_wait: Duration,
+    /// Permits for `min_lsn` reads waiting at once.
+    pub waiting: Arc<tokio::sync::Semaphore>,
+    pub limits: Limits,
+}
+
+/// The HTTP limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub request_timeout: Duration,
+    pub max_concurrent_requests: usize,
+    pub max_body_bytes: usize,
 }
 
 impl std::fmt::Debug for Api {
@@ -85,35 +102,61 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// The `/v1` routes (token-protected when a token is configured).
+/// The `/v1` routes (token-protected when a token is configured), with the limits.
 pub fn router(api: Api) -> Router {
+    let limits = api.limits;
     Router::new()
         .route("/v1/tables/{table}/rows/{key}", get(get_row))
         .route("/v1/tables/{table}/batch", post(batch))
         .route("/v1/tables/{table}/export", get(export))
         .route("/v1/status", get(status))
         .layer(middleware::from_fn_with_state(api.clone(), authenticate))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(limits.max_body_bytes))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::SERVICE_UNAVAILABLE,
+            limits.request_timeout,
+        ))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "overloaded", "too many requests in flight; retry")
+                }))
+                .load_shed()
+                .concurrency_limit(limits.max_concurrent_requests),
+        )
         .layer(middleware::from_fn_with_state(api.clone(), observe))
         .with_state(api)
 }
 
+/// Puts `/metrics` behind the read token (for listeners other hosts can reach).
+pub fn protect(router: Router, api: Api) -> Router {
+    router.layer(middleware::from_fn_with_state(api, authenticate))
+}
+
 async fn authenticate(State(api): State<Api>, request: Request, next: Next) -> Response {
-    if let Some(token) = &api.token {
+    let is_export = request.uri().path().ends_with("/export");
+    let (required, which) = match (&api.export_token, &api.token) {
+        (Some(export), _) if is_export => (Some(export), "the export token"),
+        (_, read) => (read.as_ref(), "the token"),
+    };
+    if let Some(token) = required {
         let given = request
             .headers()
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.strip_prefix("Bearer "));
-        if !given.is_some_and(|g| constant_time_eq(g.as_bytes(), token.expose().as_bytes())) {
-            return ApiError::new(StatusCode::UNAUTHORIZED, "unauthorized", "send Authorization: Bearer <token>")
-                .into_response();
+        let matches =
+            given.is_some_and(|g| bool::from(subtle::ConstantTimeEq::ct_eq(g.as_bytes(), token.expose().as_bytes())));
+        if !matches {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("send Authorization: Bearer <{which}>"),
+            )
+            .into_response();
         }
     }
     next.run(request).await
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn observe(State(api): State<Api>, request: Request, next: Next) -> Response {
@@ -188,6 +231,19 @@ async fn consistent_view(api: &Api, table: &TableView, options: &ReadOptions) ->
             ApiError::new(StatusCode::BAD_REQUEST, "bad_min_lsn", e.to_string())
         })?;
         let budget = Duration::from_millis(options.wait_ms.unwrap_or(1000)).min(api.max_wait);
+        let already = table.coverage().is_some_and(|c| c.lsn >= min);
+        // A read that has to wait holds a permit: waiting reads are cheap, but not free.
+        let _permit = if already {
+            None
+        } else {
+            Some(Arc::clone(&api.waiting).try_acquire_owned().map_err(|_| {
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "too_many_waiting",
+                    "too many reads are waiting for a min_lsn; retry, or read without min_lsn",
+                )
+            })?)
+        };
         let started = Instant::now();
         let mut rx = table.subscribe_coverage();
         let reached = tokio::time::timeout(budget, async {

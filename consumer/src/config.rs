@@ -107,10 +107,28 @@ pub struct HttpConfig {
     /// Query API and ops endpoints (`/metrics`, `/healthz`, `/readyz`).
     pub listen: std::net::SocketAddr,
     /// Bearer token required on `/v1/*` when set (normally from `WALCACHE_HTTP__AUTH_TOKEN`).
+    /// Required when `listen` is not a loopback address, unless `allow_unauthenticated`.
     #[serde(default)]
     pub auth_token: Option<Secret>,
     #[serde(default)]
     pub auth_token_file: Option<PathBuf>,
+    /// Serve `/v1/*` without a token on a non-loopback address (a network policy protects it).
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+    /// Token for `/v1/tables/*/export` (a whole table): when set, the read token is not enough.
+    #[serde(default)]
+    pub export_token: Option<Secret>,
+    #[serde(default)]
+    pub export_token_file: Option<PathBuf>,
+    /// Longest any request may take (above `max_wait`; default `max_wait` + 10s).
+    #[serde(default, with = "humantime_serde")]
+    pub request_timeout: Option<Duration>,
+    /// Requests served at once; more are refused with 503 `overloaded` at once, not queued.
+    pub max_concurrent_requests: usize,
+    /// `min_lsn` reads waiting at once; more are refused with 503 `too_many_waiting`.
+    pub max_waiting: usize,
+    /// Largest request body (a batch of keys).
+    pub max_body_bytes: usize,
     /// Largest batch get.
     pub max_batch: usize,
     /// Longest a `min_lsn` read may wait.
@@ -127,8 +145,15 @@ impl Default for HttpConfig {
             listen: ([127, 0, 0, 1], 8080).into(),
             auth_token: None,
             auth_token_file: None,
+            allow_unauthenticated: false,
+            export_token: None,
+            export_token_file: None,
             max_batch: 1000,
             max_wait: Duration::from_secs(10),
+            request_timeout: None,
+            max_concurrent_requests: 1024,
+            max_waiting: 256,
+            max_body_bytes: 1 << 20,
             instance: None,
         }
     }
@@ -166,6 +191,21 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     n.checked_mul(mult).ok_or_else(|| format!("{text:?} is too large"))
 }
 
+impl HttpConfig {
+    /// The request timeout in force.
+    pub fn request_timeout(&self) -> Duration {
+        self.request_timeout.unwrap_or(self.max_wait + Duration::from_secs(10))
+    }
+}
+
+fn token_of(inline: &Option<Secret>, file: &Option<PathBuf>) -> Result<Option<Secret>, ConsumerError> {
+    Ok(match (inline, file) {
+        (Some(t), _) if !t.is_empty() => Some(t.clone()),
+        (_, Some(f)) => Some(Secret::from_file(f)?),
+        _ => None,
+    })
+}
+
 /// A configured table resolved against the contracts.
 #[derive(Debug, Clone)]
 pub struct TableSpec {
@@ -186,16 +226,39 @@ impl ConsumerConfig {
         if self.cache.capacity < 1 << 20 {
             return Err(ConsumerError::Config("cache.capacity below 1MiB leaves no room for a view".into()));
         }
-        self.auth_token()?;
+        let http = &self.http;
+        if self.auth_token()?.is_none() && !http.listen.ip().is_loopback() && !http.allow_unauthenticated {
+            return Err(ConsumerError::Config(format!(
+                "http.listen = {} is reachable from other hosts and no token is set: set http.auth_token \
+                 (WALCACHE_HTTP__AUTH_TOKEN) or http.auth_token_file, or http.allow_unauthenticated = true if a \
+                 network policy protects the port",
+                http.listen
+            )));
+        }
+        self.export_token()?;
+        if let Some(timeout) = http.request_timeout
+            && timeout <= http.max_wait
+        {
+            return Err(ConsumerError::Config(format!(
+                "http.request_timeout ({timeout:?}) must be longer than http.max_wait ({:?}), or min_lsn waits time out",
+                http.max_wait
+            )));
+        }
+        if http.max_concurrent_requests == 0 || http.max_waiting == 0 || http.max_body_bytes < 1024 {
+            return Err(ConsumerError::Config(
+                "http.max_concurrent_requests and http.max_waiting must be at least 1, http.max_body_bytes at least 1KiB"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
     pub fn auth_token(&self) -> Result<Option<Secret>, ConsumerError> {
-        Ok(match (&self.http.auth_token, &self.http.auth_token_file) {
-            (Some(t), _) if !t.is_empty() => Some(t.clone()),
-            (_, Some(f)) => Some(Secret::from_file(f)?),
-            _ => None,
-        })
+        token_of(&self.http.auth_token, &self.http.auth_token_file)
+    }
+
+    pub fn export_token(&self) -> Result<Option<Secret>, ConsumerError> {
+        token_of(&self.http.export_token, &self.http.export_token_file)
     }
 
     pub fn table_specs(&self) -> Result<Vec<TableSpec>, ConsumerError> {
@@ -254,5 +317,13 @@ mod tests {
             .expect("a partial section takes defaults for the rest");
         assert_eq!(partial.http.max_batch, 1000);
         assert!(partial.dead_letter.publish);
+        let open = partial.validate().expect_err("a non-loopback listener without a token").to_string();
+        assert!(open.contains("http.auth_token") && open.contains("allow_unauthenticated"), "{open}");
+        let mut allowed = partial.clone();
+        allowed.http.allow_unauthenticated = true;
+        allowed.validate().expect("explicitly allowed");
+        let mut slow = allowed.clone();
+        slow.http.request_timeout = Some(slow.http.max_wait);
+        assert!(slow.validate().is_err(), "a request timeout at or below max_wait");
     }
 }

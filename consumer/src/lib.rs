@@ -70,13 +70,28 @@ pub async fn start(
     config.validate()?;
     let health = Arc::new(Health::default());
     let view = Arc::new(view::View::new(config.table_specs()?, &config.cache, metrics.clone(), Arc::clone(&health)));
+    let http = &config.http;
     let api = api::Api {
         view: Arc::clone(&view),
         token: config.auth_token()?,
-        max_batch: config.http.max_batch,
-        max_wait: config.http.max_wait,
+        export_token: config.export_token()?,
+        max_batch: http.max_batch,
+        max_wait: http.max_wait,
+        waiting: Arc::new(tokio::sync::Semaphore::new(http.max_waiting)),
+        limits: api::Limits {
+            request_timeout: http.request_timeout(),
+            max_concurrent_requests: http.max_concurrent_requests,
+            max_body_bytes: http.max_body_bytes,
+        },
     };
-    let router = api::router(api).merge(ops::router(metrics.registry.clone(), health)).fallback(api::not_found);
+    // Metrics name tables and topics: open on loopback, behind the token elsewhere.
+    let metrics_routes = ops::metrics_router(metrics.registry.clone());
+    let metrics_routes = if http.listen.ip().is_loopback() || api.token.is_none() {
+        metrics_routes
+    } else {
+        api::protect(metrics_routes, api.clone())
+    };
+    let router = api::router(api).merge(metrics_routes).merge(ops::probes_router(health)).fallback(api::not_found);
     let tasks = TaskTracker::new();
     let (addr, server) = ops::serve(config.http.listen, router, cancel.clone()).await?;
     tasks.spawn(async move {

@@ -49,6 +49,11 @@ impl TableView {
         self.coverage.subscribe()
     }
 
+    /// Reads waiting for this table's coverage to reach their `min_lsn`.
+    pub fn waiting_readers(&self) -> usize {
+        self.coverage.receiver_count()
+    }
+
     pub fn producer(&self) -> Option<String> {
         self.producer.lock().ok().and_then(|p| p.clone())
     }

@@ -483,13 +483,64 @@ async fn a_consumer_started_before_its_topics_waits_for_them() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_over_the_limits_are_refused_not_queued() {
+    let db = TestDb::create().await;
+    db.seed(1, 5).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let far = Lsn(commit_lsn(&db.client().await).await.0 + (1 << 40));
+    let waiting_read = format!("/v1/tables/courier_performance/rows/1?min_lsn={far}&wait_ms=10000");
+
+    // One request in flight at most: a second one is shed at once with 503 overloaded.
+    let one = std::sync::Arc::new(p.start_consumer("max_concurrent_requests = 1").await);
+    one.wait_ready(Duration::from_secs(30)).await;
+    let waiter = tokio::spawn({
+        let (one, path) = (one.clone(), waiting_read.clone());
+        async move { one.get(&path).await }
+    });
+    let (status, body) = wait_for("a request to be shed", Duration::from_secs(30), || async {
+        let (status, body) = one.row(1).await;
+        (status == 503).then_some((status, body))
+    })
+    .await;
+    assert_eq!((status, body["error"].as_str()), (503, Some("overloaded")), "{body}");
+    let (status, body) = waiter.await.expect("waiter");
+    assert_eq!((status, body["error"].as_str()), (503, Some("min_lsn_not_reached")), "{body}");
+    assert_eq!(one.row(1).await.0, 200, "served again once the slot is free");
+
+    // One min_lsn read waiting at most; reads that need no wait still go through.
+    let c = p.start_consumer("max_waiting = 1").await;
+    c.wait_ready(Duration::from_secs(30)).await;
+    let (first, second) = tokio::join!(c.get(&waiting_read), async {
+        wait_for("the first read to wait", Duration::from_secs(30), || async {
+            (c.running.view.tables[0].waiting_readers() >= 1).then_some(())
+        })
+        .await;
+        let second = c.get(&waiting_read).await;
+        let plain = c.row(1).await;
+        (second, plain)
+    });
+    assert_eq!(first.1["error"], "min_lsn_not_reached", "{}", first.1);
+    let ((status, body), (plain, _)) = second;
+    assert_eq!((status, body["error"].as_str()), (503, Some("too_many_waiting")), "{body}");
+    assert_eq!(plain, 200);
+    c.stop().await;
+    if let Ok(one) = std::sync::Arc::try_unwrap(one) {
+        one.stop().await;
+    }
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_errors_are_json_4xx_and_the_token_is_required() {
     let db = TestDb::create().await;
     db.seed(1, 10).await;
     let p = Pipeline::new(&db);
     let producer = p.start_in_process();
     producer.wait_ready(Duration::from_secs(60)).await;
-    let mut c = p.start_consumer("auth_token = \"s3cret-token\"").await;
+    let mut c =
+        p.start_consumer("auth_token = \"s3cret-token\"\nexport_token = \"export-token\"\nmax_body_bytes = 4096").await;
     c.wait_ready(Duration::from_secs(30)).await;
 
     let (status, body) = c.row(1).await;
@@ -502,6 +553,15 @@ async fn api_errors_are_json_4xx_and_the_token_is_required() {
     c.token = token;
     let (status, _) = c.get("/healthz").await;
     assert_eq!(status, 200, "probes need no token");
+    // A whole table needs its own token: a payment service's read token cannot dump it.
+    let (status, body) = c.get("/v1/tables/courier_performance/export").await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")), "{body}");
+    let read_token = c.token.replace("export-token".into());
+    assert_eq!(c.export().await.len(), 10, "with the export token");
+    c.token = read_token;
+    let big = json!({ "keys": vec![1; 3_000] });
+    let (status, _) = c.post("/v1/tables/courier_performance/batch", &big).await;
+    assert_eq!(status, 413, "a body over http.max_body_bytes");
 
     let cases: Vec<(u16, &str, (u16, Json))> = vec![
         (400, "bad_key", c.get("/v1/tables/courier_performance/rows/not-a-number").await),
