@@ -5,7 +5,9 @@
 //!  delivery ─► performance(courier) ─► Experiment "courier-performance"
 //!                 control:   SELECT ... FROM courier_performance   (the old synchronous read; its answer is used)
 //!                 candidate: walcache-client get                   (in the background: adds no latency)
-//!                 mismatch?  recheck the cache at the control's LSN: agrees -> stale, else divergent
+//!                 mismatch?  by position: cache row newer than the control's read -> ahead;
+//!                            cache older -> recheck at the control's LSN: agrees -> stale;
+//!                            both true at the same LSN -> divergent
 //!            ─► adjustment = base x tier + on-time bonus - cancellation penalty
 //! ```
 //!
@@ -93,7 +95,7 @@ async fn read_incentives(pg: &tokio_postgres::Client, id: i64) -> Result<Perform
         )
         .await
         .map_err(|e| e.to_string())?;
-    let at = ObservedAt { lsn: Lsn::from_str(row.get::<_, &str>(0)).ok(), time: Some(chrono::Utc::now()) };
+    let at = ObservedAt { lsn: Lsn::from_str(row.get::<_, &str>(0)).ok(), since: None, time: Some(chrono::Utc::now()) };
     if !row.get::<_, bool>(1) {
         return Ok(Performance { courier: None, at });
     }
@@ -116,7 +118,9 @@ async fn read_cache(cache: &Client, id: i64, options: &ReadOptions) -> Result<Pe
     if read.state == RowState::Unknown {
         return Err("the cache cannot vouch for this key".into());
     }
-    Ok(Performance { courier: read.value, at: ObservedAt { lsn: read.as_of.view_lsn, time: read.as_of.view_time } })
+    // True from the row's last change (row_lsn) up to the view's position (view_lsn).
+    let at = ObservedAt { lsn: read.as_of.view_lsn, since: read.as_of.row_lsn, time: read.as_of.view_time };
+    Ok(Performance { courier: read.value, at })
 }
 
 #[tokio::main]
@@ -215,9 +219,10 @@ async fn main() -> anyhow::Result<()> {
     for (name, c) in &s.candidates {
         let n = |k: &str| c.classes.get(k).copied().unwrap_or(0);
         println!(
-            "  candidate {name}: match rate {:.2}%  (match {}, stale {}, unverified {}, divergent {}, candidate errors {})",
+            "  candidate {name}: match rate {:.2}%  (match {}, ahead {}, stale {}, unverified {}, divergent {}, candidate errors {})",
             100.0 * c.match_rate,
             n("match"),
+            n("ahead"),
             n("stale"),
             n("unverified"),
             n("divergent"),

@@ -8,12 +8,14 @@
 //!  behaviors in random order, each timed; candidate errors and panics caught
 //!   ▼
 //!  compare(control, candidate) ─ equal ─► match
-//!   │ differ
+//!   │ differ: classified by positions (each side's observed_at), never by which ran first
 //!   ├─ an ignore rule accepts it ─────────► ignored
-//!   ├─ candidate observed before the control's read (observed_at) and a recheck at the
-//!   │  control's position agrees ─────────► stale        (explained by changes after that point)
-//!   │  ... the recheck could not say ─────► unverified
-//!   └─ otherwise ─────────────────────────► divergent
+//!   ├─ the candidate's value is newer than the control's read (its `since` is past the
+//!   │  control's position) ────────────────► ahead        (the control is the one behind)
+//!   ├─ the candidate is as of a position before the control's, and a recheck at the control's
+//!   │  position caught up to the control's value ──► stale
+//!   │  ... the recheck could not say (failed, or the row moved on again) ──► unverified
+//!   └─ both are true at the same position ─► divergent
 //!  publishers (Prometheus, periodic summary) get the cleaned observations
 //! ```
 //!
@@ -51,11 +53,20 @@ enum Behavior<'a, T, E> {
 /// When a value was true: a source position and/or time.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct ObservedAt {
+    /// The position the value is true as of (a read's WAL position, a view's `view_lsn`).
     pub lsn: Option<Lsn>,
+    /// The position the value has been true since, when known (a cached row's `row_lsn`): the
+    /// value holds for every position in `since..=lsn`.
+    pub since: Option<Lsn>,
     pub time: Option<DateTime<Utc>>,
 }
 
 impl ObservedAt {
+    /// Whether the value already held at `position` (false when it was written after it).
+    fn held_at(&self, position: Lsn) -> Option<bool> {
+        self.since.map(|since| since <= position)
+    }
+
     /// Whether `self` is strictly older than `other` (by LSN when both have one, else by time).
     pub fn older_than(&self, other: &ObservedAt) -> Option<bool> {
         match (self.lsn, other.lsn, self.time, other.time) {
@@ -75,6 +86,9 @@ pub enum Class {
     Ignored,
     /// Different because the candidate saw an older state; a recheck at the control's position agrees.
     Stale,
+    /// Different because the candidate saw a newer state than the control read (its value was
+    /// written after the control's position): the control is the one behind.
+    Ahead,
     /// The candidate saw an older state, but a recheck could not confirm the difference is only lag.
     Unverified,
     /// Different, and not explained by lag.
@@ -89,6 +103,7 @@ impl Class {
             Class::Match => "match",
             Class::Ignored => "ignored",
             Class::Stale => "stale",
+            Class::Ahead => "ahead",
             Class::Unverified => "unverified",
             Class::Divergent => "divergent",
             Class::CandidateError => "candidate_error",
@@ -143,7 +158,12 @@ struct Judge<T, E> {
     recheck: Option<Recheck<T, E>>,
     context: BTreeMap<String, Json>,
     publishers: Vec<Arc<dyn Publisher>>,
+    /// How long a candidate may run before it counts as failed.
+    candidate_timeout: Duration,
 }
+
+/// The default [`Experiment::candidate_timeout`].
+pub const DEFAULT_CANDIDATE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// An experiment; build it, then `run`.
 ///
@@ -191,6 +211,7 @@ where
                 recheck: None,
                 context: BTreeMap::new(),
                 publishers: Vec::new(),
+                candidate_timeout: DEFAULT_CANDIDATE_TIMEOUT,
             },
             run_if: None,
             percent: 100.0,
@@ -262,6 +283,13 @@ where
         self
     }
 
+    /// How long an (async) candidate may run before it is dropped and counted as a candidate
+    /// error, so a hung candidate cannot hold a background slot (default 5 s).
+    pub fn candidate_timeout(mut self, timeout: Duration) -> Self {
+        self.judge.candidate_timeout = timeout;
+        self
+    }
+
     /// Run the experiment only when `f` says so.
     pub fn run_if(mut self, f: impl FnOnce() -> bool + Send + 'a) -> Self {
         self.run_if = Some(Box::new(f));
@@ -320,7 +348,7 @@ where
                 }
                 Some(name) => {
                     let behavior = candidates.remove(name).expect("candidate runs once");
-                    observed.push((name.clone(), observe(behavior).await));
+                    observed.push((name.clone(), observe(behavior, self.judge.candidate_timeout).await));
                 }
             }
         }
@@ -339,8 +367,29 @@ where
     }
 
     /// Synchronous `run`: for sync behaviors (async ones are driven to completion here).
+    ///
+    /// Never blocks a tokio worker: on a multi-threaded runtime the worker hands its other
+    /// tasks off first (`block_in_place`); on a current-thread runtime the run happens on a
+    /// helper thread (async behaviors that need that runtime's I/O cannot progress there: use
+    /// `run` from async code). Without a runtime it simply blocks.
     pub fn run_sync(self) -> Result<T, E> {
-        futures::executor::block_on(self.run())
+        use tokio::runtime::{Handle, RuntimeFlavor};
+        match Handle::try_current() {
+            Ok(handle) if handle.runtime_flavor() == RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| handle.block_on(self.run()))
+            }
+            Ok(handle) => std::thread::scope(|scope| {
+                let run = scope.spawn(move || {
+                    let _entered = handle.enter();
+                    futures::executor::block_on(self.run())
+                });
+                match run.join() {
+                    Ok(result) => result,
+                    Err(panic) => std::panic::resume_unwind(panic),
+                }
+            }),
+            Err(_) => futures::executor::block_on(self.run()),
+        }
     }
 }
 
@@ -375,7 +424,7 @@ where
             let mut order = vec!["control".to_string()];
             for (name, behavior) in candidates {
                 order.push(name.clone());
-                observed.push((name, observe(behavior).await));
+                observed.push((name, observe(behavior, judge.candidate_timeout).await));
             }
             judge.judge(control_view.as_ref().map_err(String::as_str), control_time, observed, order).await;
             drop(permit);
@@ -398,10 +447,29 @@ struct Outcome<T> {
     duration: Duration,
 }
 
-async fn observe<T, E: Display>(behavior: Behavior<'_, T, E>) -> Outcome<T> {
+async fn observe<T, E: Display>(behavior: Behavior<'_, T, E>, timeout: Duration) -> Outcome<T> {
     let started = Instant::now();
     let caught = match behavior {
-        Behavior::Async(f) => AssertUnwindSafe(async move { f().await }).catch_unwind().await,
+        Behavior::Async(f) => {
+            let run = AssertUnwindSafe(async move { f().await }).catch_unwind();
+            // Timers need a runtime; without one (run_sync outside tokio) there is none to
+            // enforce, and nothing else is waiting on the slot either.
+            if tokio::runtime::Handle::try_current().is_ok() {
+                match tokio::time::timeout(timeout, run).await {
+                    Ok(caught) => caught,
+                    Err(_) => {
+                        let duration = started.elapsed();
+                        return Outcome {
+                            result: Err(format!("candidate timed out after {timeout:?}")),
+                            panicked: false,
+                            duration,
+                        };
+                    }
+                }
+            } else {
+                run.await
+            }
+        }
         Behavior::Sync(f) => std::panic::catch_unwind(AssertUnwindSafe(f)),
     };
     let duration = started.elapsed();
@@ -451,6 +519,13 @@ impl<T, E: Display> Judge<T, E> {
                 let (Some(control_at), Some(candidate_at)) = (at(a), at(b)) else {
                     return (Class::Divergent, None);
                 };
+                // The candidate's value was written after the control read: the control is
+                // behind (typical in background runs, where the control runs first).
+                if let Some(control_lsn) = control_at.lsn
+                    && candidate_at.held_at(control_lsn) == Some(false)
+                {
+                    return (Class::Ahead, None);
+                }
                 if candidate_at.older_than(&control_at) != Some(true) {
                     return (Class::Divergent, None);
                 }
@@ -459,6 +534,13 @@ impl<T, E: Display> Judge<T, E> {
                 };
                 match recheck(control_at).await {
                     Ok(again) if (self.compare)(a, &again) => (Class::Stale, Some((self.clean)(&again))),
+                    // Caught up past the control's position, but the value changed again after
+                    // it: the two cannot be compared any more.
+                    Ok(again)
+                        if control_at.lsn.is_some_and(|l| at(&again).and_then(|r| r.held_at(l)) == Some(false)) =>
+                    {
+                        (Class::Unverified, Some((self.clean)(&again)))
+                    }
                     Ok(again) => (Class::Divergent, Some((self.clean)(&again))),
                     Err(e) => (Class::Unverified, Some(Json::String(e.to_string()))),
                 }

@@ -201,10 +201,11 @@ impl SummaryPublisher {
                 .candidates
                 .iter()
                 .map(|(name, (classes, reservoir))| {
+                    // Candidate errors count: a candidate that fails half the time does not
+                    // match half the time.
                     let total: u64 = classes.values().sum();
-                    let errors = classes.get(&Class::CandidateError).copied().unwrap_or(0);
                     let matches = classes.get(&Class::Match).copied().unwrap_or(0);
-                    let compared = total - errors;
+                    let compared = total;
                     (
                         name.clone(),
                         CandidateSummary {

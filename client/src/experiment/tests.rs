@@ -161,7 +161,7 @@ struct Versioned {
 
 #[tokio::test]
 async fn lag_aware_classification_proves_staleness_with_a_recheck() {
-    let at = |v: &Versioned| Some(ObservedAt { lsn: Some(Lsn(v.at)), time: None });
+    let at = |v: &Versioned| Some(ObservedAt { lsn: Some(Lsn(v.at)), since: None, time: None });
     let p = Arc::new(Collect::default());
     let same_value = |a: &Versioned, b: &Versioned| a.value == b.value;
     // Older candidate; the recheck at the control's position agrees with the control: stale.
@@ -262,4 +262,116 @@ fn sync_experiments_work_without_a_runtime() {
     let mut classes = p.classes();
     classes.sort();
     assert_eq!(classes, vec![Class::Match, Class::CandidateError]);
+}
+
+/// A value true from `since` up to `at`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+struct Ranged {
+    value: i32,
+    #[serde(skip)]
+    since: Option<u64>,
+    #[serde(skip)]
+    at: u64,
+}
+
+fn ranged(value: i32, since: Option<u64>, at: u64) -> Ranged {
+    Ranged { value, since, at }
+}
+
+async fn classify_pair(control: Ranged, candidate: Ranged, recheck: Option<Ranged>) -> Class {
+    let p = Arc::new(Collect::default());
+    let mut e = Experiment::new("positions")
+        .control(move || async move { Ok::<_, String>(control) })
+        .candidate("cache", move || async move { Ok(candidate) })
+        .compare(|a: &Ranged, b: &Ranged| a.value == b.value)
+        .observed_at(|v: &Ranged| Some(ObservedAt { lsn: Some(Lsn(v.at)), since: v.since.map(Lsn), time: None }))
+        .publisher(p.clone());
+    if let Some(again) = recheck {
+        e = e.recheck(move |_| {
+            let again = again.clone();
+            async move { Ok(again) }
+        });
+    }
+    let _ = e.run().await;
+    p.classes()[0]
+}
+
+#[tokio::test]
+async fn differences_are_classified_by_position_not_by_which_ran_first() {
+    // The control read at 100; the cache's row was written at 105 (a background run where the
+    // control ran first): the control is behind, nothing diverges.
+    assert_eq!(classify_pair(ranged(1, None, 100), ranged(2, Some(105), 110), None).await, Class::Ahead);
+    // Both true at 100 (the cache's row since 80, its view at 110) and different: divergent.
+    assert_eq!(classify_pair(ranged(1, None, 100), ranged(2, Some(80), 110), None).await, Class::Divergent);
+    // The cache as of 90, behind the control; caught up to the control's value: stale.
+    let behind = ranged(0, Some(50), 90);
+    assert_eq!(classify_pair(ranged(1, None, 100), behind.clone(), Some(ranged(1, Some(95), 120))).await, Class::Stale);
+    // Caught up, but the row changed again after the control's read: cannot be compared.
+    assert_eq!(
+        classify_pair(ranged(1, None, 100), behind.clone(), Some(ranged(7, Some(115), 120))).await,
+        Class::Unverified
+    );
+    // Caught up, the row unchanged since before the control's read, and still different: divergent.
+    assert_eq!(classify_pair(ranged(1, None, 100), behind, Some(ranged(7, Some(60), 120))).await, Class::Divergent);
+}
+
+#[tokio::test]
+async fn a_hung_candidate_times_out_as_a_candidate_error_and_counts_against_the_match_rate() {
+    let summary = Arc::new(SummaryPublisher::new("hung", false, 5));
+    for hang in [true, false] {
+        let out: Result<i32, String> = Experiment::new("hung")
+            .control(|| async { Ok(1) })
+            .candidate("c", move || async move {
+                if hang {
+                    futures::future::pending::<()>().await;
+                }
+                Ok(1)
+            })
+            .candidate_timeout(Duration::from_millis(50))
+            .publisher(summary.clone())
+            .run()
+            .await;
+        assert_eq!(out, Ok(1));
+    }
+    let s = summary.summary();
+    assert_eq!(s.candidates["c"].classes.get("candidate_error"), Some(&1));
+    assert_eq!(s.candidates["c"].match_rate, 0.5, "one match in two runs: errors are in the denominator");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn run_sync_inside_a_current_thread_runtime_does_not_hang_it() {
+    let out: Result<i32, String> =
+        Experiment::new("sync").control_sync(|| Ok(5)).candidate_sync("c", || Ok(5)).run_sync();
+    assert_eq!(out, Ok(5));
+    // The runtime still runs its own tasks afterwards.
+    assert_eq!(tokio::spawn(async { 7 }).await.ok(), Some(7));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn run_sync_on_a_worker_lets_the_runtime_go_on() {
+    let ticks = Arc::new(AtomicUsize::new(0));
+    let ticker = tokio::spawn({
+        let ticks = ticks.clone();
+        async move {
+            loop {
+                ticks.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    });
+    let seen = ticks.clone();
+    // The control waits until the runtime's other task has ticked: a blocked worker (the only
+    // one) would never let it.
+    let out: Result<usize, String> = Experiment::new("sync")
+        .control_sync(move || {
+            let start = seen.load(Ordering::SeqCst);
+            while seen.load(Ordering::SeqCst) < start + 3 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Ok(1)
+        })
+        .candidate_sync("c", || Ok(1))
+        .run_sync();
+    assert_eq!(out, Ok(1));
+    ticker.abort();
 }
