@@ -129,15 +129,14 @@ async fn main() -> anyhow::Result<()> {
     let (pg, connection) = tokio_postgres::connect(&args.postgres, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     let pg = Arc::new(pg);
-    let cache = Client::new(
-        &args.cache,
-        ClientOptions {
-            timeout: Duration::from_millis(250),
-            near_cache: (args.mode == "cache")
-                .then_some(NearCacheOptions { capacity: 10_000, ttl: Duration::from_millis(200) }),
-            ..ClientOptions::default()
-        },
-    )?;
+    let cache = Client::new(&args.cache, {
+        let options = ClientOptions::default().timeout(Duration::from_millis(250));
+        if args.mode == "cache" {
+            options.near_cache(NearCacheOptions::new(10_000, Duration::from_millis(200)))
+        } else {
+            options
+        }
+    })?;
     let summary = Arc::new(SummaryPublisher::new("courier-performance", false, 10));
     let registry = prometheus::Registry::new();
     let prometheus: Arc<dyn Publisher> = Arc::new(PrometheusPublisher::new(&registry)?);
@@ -180,11 +179,10 @@ async fn main() -> anyhow::Result<()> {
                 .recheck(move |at: ObservedAt| {
                     let cache = recheck_c.clone();
                     async move {
-                        let options = ReadOptions {
-                            min_lsn: at.lsn,
-                            wait: Some(Duration::from_secs(2)),
-                            ..ReadOptions::default()
-                        };
+                        let mut options = ReadOptions::default().wait(Duration::from_secs(2));
+                        if let Some(lsn) = at.lsn {
+                            options = options.min_lsn(lsn);
+                        }
                         read_cache(&cache, id, &options).await
                     }
                 })

@@ -13,9 +13,17 @@ use std::time::{Duration, Instant};
 
 /// Breaker settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct BreakerConfig {
     pub failure_threshold: u32,
     pub open_for: Duration,
+}
+
+impl BreakerConfig {
+    /// Opens after `failure_threshold` consecutive failures, for `open_for`.
+    pub fn new(failure_threshold: u32, open_for: Duration) -> Self {
+        BreakerConfig { failure_threshold, open_for }
+    }
 }
 
 impl Default for BreakerConfig {

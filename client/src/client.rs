@@ -14,11 +14,23 @@ use serde::Deserialize;
 use serde_json::Value as Json;
 use walcache_schemas::{Lsn, TableContract};
 
-use crate::breaker::{BreakerConfig, CircuitBreaker, Permit};
+use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, Permit};
 use crate::error::ClientError;
+use crate::metrics::ClientMetrics;
 
-/// Client settings.
+/// Client settings: start from `ClientOptions::default()` and change what you need.
+///
+/// ```
+/// use std::time::Duration;
+/// use walcache_client::{BreakerConfig, ClientOptions};
+/// let options = ClientOptions::default()
+///     .timeout(Duration::from_millis(200))
+///     .retries(1)
+///     .breaker(BreakerConfig::new(5, Duration::from_secs(2)));
+/// # let _ = options;
+/// ```
 #[derive(Debug, Clone)]
+#[non_exhaustive]
 pub struct ClientOptions {
     /// Per-attempt timeout.
     pub timeout: Duration,
@@ -32,6 +44,8 @@ pub struct ClientOptions {
     pub near_cache: Option<NearCacheOptions>,
     /// Bearer token for the query API.
     pub token: Option<String>,
+    /// The client's own metrics ([`ClientMetrics::register`] them in your registry).
+    pub metrics: Option<ClientMetrics>,
 }
 
 impl Default for ClientOptions {
@@ -44,19 +58,69 @@ impl Default for ClientOptions {
             breaker: BreakerConfig::default(),
             near_cache: None,
             token: None,
+            metrics: None,
         }
+    }
+}
+
+impl ClientOptions {
+    /// Per-attempt timeout (a `min_lsn` wait is added to it).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Extra attempts for transient errors.
+    pub fn retries(mut self, retries: u32) -> Self {
+        self.retries = retries;
+        self
+    }
+
+    /// First backoff (doubling, full jitter) and its cap.
+    pub fn backoff(mut self, first: Duration, max: Duration) -> Self {
+        self.backoff = first;
+        self.max_backoff = max;
+        self
+    }
+
+    pub fn breaker(mut self, breaker: BreakerConfig) -> Self {
+        self.breaker = breaker;
+        self
+    }
+
+    pub fn near_cache(mut self, near_cache: NearCacheOptions) -> Self {
+        self.near_cache = Some(near_cache);
+        self
+    }
+
+    pub fn token(mut self, token: impl Into<String>) -> Self {
+        self.token = Some(token.into());
+        self
+    }
+
+    pub fn metrics(mut self, metrics: ClientMetrics) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 }
 
 /// Near-cache settings: answers kept in process for `ttl`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct NearCacheOptions {
     pub capacity: u64,
     pub ttl: Duration,
 }
 
+impl NearCacheOptions {
+    pub fn new(capacity: u64, ttl: Duration) -> Self {
+        NearCacheOptions { capacity, ttl }
+    }
+}
+
 /// Per-read consistency options.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct ReadOptions {
     /// Read your writes: the view must cover this LSN (the near-cache is bypassed).
     pub min_lsn: Option<Lsn>,
@@ -240,6 +304,13 @@ impl Client {
         &self.breaker
     }
 
+    /// Counts an answer of a [`Fallback`](crate::Fallback) read by the path that gave it.
+    pub(crate) fn count_answer(&self, source: &str, reason: &str) {
+        if let Some(m) = &self.options.metrics {
+            m.answers.with_label_values(&[source, reason]).inc();
+        }
+    }
+
     /// Reads one row.
     pub async fn get<T: TableContract>(&self, key: &T::Key, options: &ReadOptions) -> Result<Read<T>, ClientError> {
         let key_json = serde_json::to_value(key).map_err(|e| ClientError::Decode(format!("key: {e}")))?;
@@ -274,6 +345,9 @@ impl Client {
         ]);
         append_options(&mut url, options);
         let answer: WireAnswer = self.call(options, || self.http.get(url.clone())).await?;
+        if let Some(m) = &self.options.metrics {
+            m.reads.with_label_values(&[answer.state.as_str()]).inc();
+        }
         if let Some(near) = &self.near
             && answer.state != "unknown"
         {
@@ -401,6 +475,15 @@ impl Client {
             };
             self.breaker.record(result.as_ref().err().is_none_or(|e| !e.is_failure()));
             probe.armed = false;
+            if let Some(m) = &self.options.metrics {
+                m.requests.with_label_values(&[result.as_ref().err().map_or("ok", ClientError::label)]).inc();
+                m.request_seconds.observe(started.elapsed().as_secs_f64());
+                m.breaker_state.set(match self.breaker.state() {
+                    BreakerState::Closed => 0,
+                    BreakerState::HalfOpen => 1,
+                    BreakerState::Open => 2,
+                });
+            }
             match result {
                 Err(e) if e.is_transient() && attempt < self.options.retries => {
                     let cap = self.options.backoff.saturating_mul(1 << attempt.min(16)).min(self.options.max_backoff);
@@ -490,6 +573,7 @@ fn append_options(url: &mut reqwest::Url, options: &ReadOptions) {
     }
 }
 
+#[cfg(feature = "postgres")]
 /// The LSN to pass as `min_lsn` after your own write, taken on the connection that committed.
 ///
 /// `pg_current_wal_insert_lsn()` is at or past your commit record even under

@@ -2,6 +2,7 @@
 
 /// Why a cache read did not produce an answer.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// The request took longer than its timeout.
     #[error("the cache did not answer within {0:?}")]

@@ -3,12 +3,17 @@
 //! ```text
 //!  get(key) ─► Client::get ─┬─ present / deleted / absent ──────────► Answer { source: Cache, as_of }
 //!                           ├─ unknown (evicted, cannot vouch) ─┐
-//!                           └─ error (down, not ready, too stale,├──► your function ─► Answer { source: Fallback, reason }
-//!                              circuit open, timeout) ──────────┘
+//!                           ├─ error (down, not ready, too stale,├──► your function ─► Answer { source: Fallback, reason }
+//!                           │  circuit open, timeout) ──────────┘
+//!                           └─ refused (401, unknown table, bad key): a configuration error. Logged
+//!                              once per kind and counted; falls back, or fails with
+//!                              OnRejected::Fail so it cannot go unnoticed
 //! ```
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::Mutex;
 
 use walcache_schemas::TableContract;
 
@@ -24,6 +29,7 @@ pub enum Source {
 
 /// Why the fallback answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FallbackReason {
     /// The cache answered `unknown` for the key.
     Unknown,
@@ -40,6 +46,39 @@ impl FallbackReason {
         }
     }
 }
+
+/// What to do when the cache refuses a request (401, unknown table, bad key): a configuration
+/// error, not an outage.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum OnRejected {
+    /// Answer from the fallback (logged once per kind, counted in the client's metrics).
+    #[default]
+    Fallback,
+    /// Return [`FallbackError::Rejected`].
+    Fail,
+}
+
+/// Why [`Fallback::get`] has no answer.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum FallbackError<E> {
+    /// The fallback call failed.
+    Call(E),
+    /// The cache refused the request and [`OnRejected::Fail`] is set.
+    Rejected(ClientError),
+}
+
+impl<E: std::fmt::Display> std::fmt::Display for FallbackError<E> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FallbackError::Call(e) => write!(f, "the fallback call failed: {e}"),
+            FallbackError::Rejected(e) => write!(f, "{e} (a configuration error: fix the token, table or key)"),
+        }
+    }
+}
+
+impl<E: std::fmt::Debug + std::fmt::Display> std::error::Error for FallbackError<E> {}
 
 /// An answer and where it came from.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,6 +114,9 @@ pub struct Answer<T> {
 pub struct Fallback<T: TableContract, F> {
     client: Client,
     call: F,
+    on_rejected: OnRejected,
+    /// Kinds of refusal already logged.
+    logged: Mutex<HashSet<String>>,
     _row: PhantomData<fn() -> T>,
 }
 
@@ -92,7 +134,19 @@ where
     Fut: Future<Output = Result<Option<T>, E>>,
 {
     pub fn new(client: Client, call: F) -> Self {
-        Fallback { client, call, _row: PhantomData }
+        Fallback {
+            client,
+            call,
+            on_rejected: OnRejected::default(),
+            logged: Mutex::new(HashSet::new()),
+            _row: PhantomData,
+        }
+    }
+
+    /// What a refused request does (default: fall back, logged once per kind and counted).
+    pub fn on_rejected(mut self, policy: OnRejected) -> Self {
+        self.on_rejected = policy;
+        self
     }
 
     pub fn client(&self) -> &Client {
@@ -100,15 +154,34 @@ where
     }
 
     /// The cache's answer when it has one it can vouch for, otherwise the fallback's.
-    pub async fn get(&self, key: &T::Key, options: &ReadOptions) -> Result<Answer<T>, E> {
+    pub async fn get(&self, key: &T::Key, options: &ReadOptions) -> Result<Answer<T>, FallbackError<E>> {
         let reason = match self.client.get::<T>(key, options).await {
             Ok(read) if read.state != RowState::Unknown => {
+                self.client.count_answer("cache", "none");
                 return Ok(Answer { value: read.value, source: Source::Cache, as_of: Some(read.as_of), reason: None });
             }
             Ok(_) => FallbackReason::Unknown,
+            Err(e @ ClientError::Rejected { .. }) => {
+                self.report_rejected(&e);
+                if self.on_rejected == OnRejected::Fail {
+                    return Err(FallbackError::Rejected(e));
+                }
+                FallbackReason::Cache(e)
+            }
             Err(e) => FallbackReason::Cache(e),
         };
-        let value = (self.call)(key.clone()).await?;
+        self.client.count_answer("fallback", reason.label());
+        let value = (self.call)(key.clone()).await.map_err(FallbackError::Call)?;
         Ok(Answer { value, source: Source::Fallback, as_of: None, reason: Some(reason) })
+    }
+
+    fn report_rejected(&self, e: &ClientError) {
+        let ClientError::Rejected { status, code, .. } = e else { return };
+        let first = self.logged.lock().map(|mut seen| seen.insert(format!("{status} {code}"))).unwrap_or(false);
+        if first {
+            tracing::error!(table = T::CONTRACT, status, code = %code, error = %e,
+                "the cache refused the request: a configuration error (token, table name, key type), not an outage; \
+                 reads go to the fallback until it is fixed (logged once per kind)");
+        }
     }
 }

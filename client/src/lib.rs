@@ -17,10 +17,15 @@ mod client;
 mod error;
 pub mod experiment;
 mod fallback;
+pub mod metrics;
+#[cfg(feature = "postgres")]
 pub mod verify;
 
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
-pub use client::{AsOf, Client, ClientOptions, NearCacheOptions, Read, ReadOptions, RowState, current_lsn};
+#[cfg(feature = "postgres")]
+pub use client::current_lsn;
+pub use client::{AsOf, Client, ClientOptions, NearCacheOptions, Read, ReadOptions, RowState};
 pub use error::ClientError;
-pub use fallback::{Answer, Fallback, FallbackReason, Source};
+pub use fallback::{Answer, Fallback, FallbackError, FallbackReason, OnRejected, Source};
+pub use metrics::ClientMetrics;
 pub use walcache_schemas::{CourierPerformance, Lsn, TableContract, Tier};

@@ -25,12 +25,7 @@ const OPEN_FOR: Duration = Duration::from_secs(5);
 fn client(base: &str) -> Client {
     Client::new(
         base,
-        ClientOptions {
-            timeout: Duration::from_secs(2),
-            retries: 1,
-            breaker: BreakerConfig { failure_threshold: 3, open_for: OPEN_FOR },
-            ..ClientOptions::default()
-        },
+        ClientOptions::default().timeout(Duration::from_secs(2)).retries(1).breaker(BreakerConfig::new(3, OPEN_FOR)),
     )
     .expect("client")
 }
@@ -148,7 +143,7 @@ async fn verify_stays_quiet_on_a_healthy_view_and_finds_injected_drift() {
     // How many rows change between verify's snapshot and its read of the view depends on the
     // machine's speed; that every source row is accounted for does not.
     let writer = walcache_tests::writer::Writer::start(&db, 3_000, 10_000_000, Duration::from_millis(2)).await;
-    let report = run_verify(&db, &consumer.base, Duration::from_secs(30)).await;
+    let report = run_verify(&db, &consumer.base, Duration::from_secs(90)).await;
     let committed = writer.stop().await;
     assert_eq!(report.verdict, Verdict::Healthy, "{report:#?}");
     assert_eq!(report.contract_violations.count, 1);
@@ -191,7 +186,7 @@ async fn verify_stays_quiet_on_a_healthy_view_and_finds_injected_drift() {
         (consumer.row(21).await.1["state"] == "deleted").then_some(())
     })
     .await;
-    let report = run_verify(&db, &consumer.base, Duration::from_secs(30)).await;
+    let report = run_verify(&db, &consumer.base, Duration::from_secs(90)).await;
     assert_eq!(report.verdict, Verdict::Drift, "{report:#?}");
     assert_eq!((report.missing.count, report.missing.sample.clone()), (1, vec![serde_json::json!(21)]));
 
@@ -211,7 +206,7 @@ async fn verify_stays_quiet_on_a_healthy_view_and_finds_injected_drift() {
         .expect("advance the slot past the change");
     let producer = p.start_in_process();
     producer.wait_ready(Duration::from_secs(60)).await;
-    let report = run_verify(&db, &consumer.base, Duration::from_secs(30)).await;
+    let report = run_verify(&db, &consumer.base, Duration::from_secs(90)).await;
     assert_eq!(report.verdict, Verdict::Drift, "{report:#?}");
     assert_eq!(report.different.sample, vec![serde_json::json!(22)]);
     assert_eq!(report.missing.sample, vec![serde_json::json!(21)]);
@@ -274,12 +269,10 @@ async fn a_cancelled_half_open_probe_is_given_back() {
     let hung_cache = BlackHole::bind(port).await;
     let client = Client::new(
         &format!("http://127.0.0.1:{port}"),
-        ClientOptions {
-            timeout: Duration::from_millis(500),
-            retries: 0,
-            breaker: BreakerConfig { failure_threshold: 1, open_for: Duration::from_millis(100) },
-            ..ClientOptions::default()
-        },
+        ClientOptions::default()
+            .timeout(Duration::from_millis(500))
+            .retries(0)
+            .breaker(BreakerConfig::new(1, Duration::from_millis(100))),
     )
     .expect("client");
     let options = ReadOptions::default();
@@ -316,12 +309,7 @@ async fn read_your_writes_on_a_lagging_view_answers_in_time_and_never_trips_the_
     consumer.wait_ready(Duration::from_secs(30)).await;
     let client = Client::new(
         &consumer.base,
-        ClientOptions {
-            timeout: Duration::from_secs(1),
-            retries: 0,
-            breaker: BreakerConfig { failure_threshold: 1, open_for: OPEN_FOR },
-            ..ClientOptions::default()
-        },
+        ClientOptions::default().timeout(Duration::from_secs(1)).retries(0).breaker(BreakerConfig::new(1, OPEN_FOR)),
     )
     .expect("client");
     // The caller's own commit, and its position as the client helper reads it.
@@ -336,6 +324,60 @@ async fn read_your_writes_on_a_lagging_view_answers_in_time_and_never_trips_the_
     let lagging = client.get::<CourierPerformance>(&3, &ReadOptions::default().min_lsn(ahead)).await;
     assert!(matches!(lagging, Err(ClientError::MinLsnNotReached(_))), "{lagging:?}");
     assert_eq!(client.breaker().state(), BreakerState::Closed);
+    consumer.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_a_configuration_error_that_is_counted_and_can_fail() {
+    use walcache_client::{ClientMetrics, FallbackError, OnRejected};
+    let db = TestDb::create().await;
+    db.seed(1, 10).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let consumer = p.start_consumer("auth_token = \"the-right-token\"").await;
+    consumer.wait_ready(Duration::from_secs(30)).await;
+
+    let registry = prometheus::Registry::new();
+    let metrics = ClientMetrics::register(&registry).expect("metrics");
+    let wrong =
+        Client::new(&consumer.base, ClientOptions::default().token("a-stale-token").metrics(metrics)).expect("client");
+    let db2 = db.clone();
+    let reads = Fallback::<CourierPerformance, _>::new(wrong.clone(), move |id: i64| {
+        let db = db2.clone();
+        async move { Ok::<_, std::convert::Infallible>(db.courier(id).await) }
+    });
+    // By default the fallback answers, but the refusal is visible: reason and metrics.
+    let a = reads.get(&3, &ReadOptions::default()).await.expect("fallback answers");
+    assert_eq!(a.source, Source::Fallback);
+    assert!(
+        matches!(&a.reason, Some(FallbackReason::Cache(ClientError::Rejected { status: 401, .. }))),
+        "{:?}",
+        a.reason
+    );
+    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().to_vec())
+            .filter(|m| labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)))
+            .map(|m| m.get_counter().get_value())
+            .sum()
+    };
+    assert_eq!(value("walcache_client_answers_total", &[("source", "fallback"), ("reason", "rejected")]), 1.0);
+    assert_eq!(value("walcache_client_requests_total", &[("outcome", "rejected")]), 1.0, "never retried");
+    // A service that wants to know at once fails instead.
+    let strict = reads.on_rejected(OnRejected::Fail);
+    let refused = strict.get(&3, &ReadOptions::default()).await;
+    assert!(matches!(refused, Err(FallbackError::Rejected(ClientError::Rejected { status: 401, .. }))), "{refused:?}");
+    // The right token: answers from the cache, counted as such.
+    let right = Client::new(&consumer.base, ClientOptions::default().token("the-right-token")).expect("client");
+    assert_eq!(
+        right.get::<CourierPerformance>(&3, &ReadOptions::default()).await.expect("read").value.map(|c| c.courier_id),
+        Some(3)
+    );
     consumer.stop().await;
     producer.stop().await.expect("drain");
 }

@@ -93,12 +93,10 @@ fn explain(url: &str, e: &ClientError) -> String {
 }
 
 async fn run(cli: Cli) -> ExitCode {
-    let options = ClientOptions {
-        token: cli.token.clone(),
-        timeout: Duration::from_secs(10),
-        retries: 1,
-        ..ClientOptions::default()
-    };
+    let mut options = ClientOptions::default().timeout(Duration::from_secs(10)).retries(1);
+    if let Some(token) = &cli.token {
+        options = options.token(token.clone());
+    }
     let client = match Client::new(&cli.url, options) {
         Ok(c) => c,
         Err(e) => {
@@ -108,12 +106,13 @@ async fn run(cli: Cli) -> ExitCode {
     };
     match cli.command {
         Command::Get { table, key, min_lsn, max_staleness_ms } => {
-            let read = ReadOptions {
-                min_lsn,
-                wait: min_lsn.map(|_| Duration::from_secs(5)),
-                max_staleness: max_staleness_ms.map(Duration::from_millis),
-                timeout: None,
-            };
+            let mut read = ReadOptions::default();
+            if let Some(lsn) = min_lsn {
+                read = read.min_lsn(lsn).wait(Duration::from_secs(5));
+            }
+            if let Some(ms) = max_staleness_ms {
+                read = read.max_staleness(Duration::from_millis(ms));
+            }
             match client.get_json(&table, &key, &read).await {
                 Ok(answer) => {
                     let state = answer["state"].as_str().unwrap_or("unknown").to_string();

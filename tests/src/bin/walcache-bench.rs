@@ -572,7 +572,10 @@ async fn client_reads(
 ) -> Result<LoadResult> {
     let client = walcache_client::Client::new(
         &consumer.base,
-        walcache_client::ClientOptions { near_cache, ..Default::default() },
+        match near_cache {
+            Some(near) => walcache_client::ClientOptions::default().near_cache(near),
+            None => walcache_client::ClientOptions::default(),
+        },
     )?;
     let until = Instant::now() + Duration::from_secs(seconds);
     Ok(load(seconds, READ_CONCURRENCY, move |_| {
@@ -600,7 +603,7 @@ async fn read(
     rows: i64,
     seconds: u64,
 ) -> Result<Vec<Line>> {
-    let near = walcache_client::NearCacheOptions { capacity: 200_000, ttl: Duration::from_secs(1) };
+    let near = walcache_client::NearCacheOptions::new(200_000, Duration::from_secs(1));
     let mut results = Vec::new();
     for (label, near_cache, keys) in
         [("HTTP", None, Keys::Uniform(rows)), ("near-cache, 1s TTL", Some(near), Keys::Hot(1000.min(rows)))]
