@@ -260,6 +260,10 @@ impl View {
     /// snapshot floor it completes.
     pub fn set_coverage(&self, index: usize, coverage: Coverage, producer: Option<&str>) {
         let t = &self.tables[index];
+        // Never backwards, whatever the watermarks replay (same LSN: a newer heartbeat time).
+        if t.coverage().is_some_and(|held| held.lsn > coverage.lsn) {
+            return;
+        }
         if let Some(name) = producer
             && let Ok(mut p) = t.producer.lock()
             && p.as_deref() != Some(name)

@@ -381,3 +381,58 @@ async fn a_refused_request_is_a_configuration_error_that_is_counted_and_can_fail
     consumer.stop().await;
     producer.stop().await.expect("drain");
 }
+
+/// A stand-in consumer that answers each request with the next scripted body (as two
+/// consumer instances behind a load balancer might, one of them behind the other).
+async fn scripted_cache(bodies: Vec<serde_json::Value>) -> (String, tokio::task::JoinHandle<()>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let task = tokio::spawn(async move {
+        for body in bodies {
+            let Ok((mut socket, _)) = listener.accept().await else { return };
+            let mut request = vec![0u8; 4096];
+            let _ = socket.read(&mut request).await;
+            let body = body.to_string();
+            let response = format!(
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = socket.write_all(response.as_bytes()).await;
+        }
+    });
+    (base, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_near_cache_never_replaces_a_newer_answer_with_an_older_one() {
+    let row = |deliveries: i64, view_lsn: &str| {
+        serde_json::json!({
+            "state": "present",
+            "value": {
+                "courier_id": 7, "city": "Lisbon", "zone": null, "tier": "gold", "rating": "4.50",
+                "deliveries": deliveries, "on_time_rate": 0.9, "acceptance_rate": null, "cancellations": 0,
+                "active": true, "updated_at": "2026-11-30T00:00:00Z"
+            },
+            "as_of": { "row_lsn": "0/10", "row_commit_time": null, "row_txid": 5, "view_lsn": view_lsn, "view_time": null },
+            "staleness_ms": 0
+        })
+    };
+    // A read-your-writes read answered by an up-to-date instance, then a slower one answered by
+    // a lagging instance: the near-cache must keep the newer.
+    let (base, server) = scripted_cache(vec![row(20, "0/200"), row(10, "0/100")]).await;
+    let client = Client::new(
+        &base,
+        ClientOptions::default().near_cache(walcache_client::NearCacheOptions::new(100, Duration::from_secs(60))),
+    )
+    .expect("client");
+    let fresh = ReadOptions::default().min_lsn(walcache_client::Lsn(0x10));
+    let newer = client.get::<CourierPerformance>(&7, &fresh).await.expect("first");
+    let older = client.get::<CourierPerformance>(&7, &fresh).await.expect("second");
+    assert_eq!((newer.value.map(|c| c.deliveries), older.value.map(|c| c.deliveries)), (Some(20), Some(10)));
+    let cached = client.get::<CourierPerformance>(&7, &ReadOptions::default()).await.expect("near-cache");
+    assert!(cached.from_near_cache, "served from the near-cache");
+    assert_eq!(cached.value.map(|c| c.deliveries), Some(20), "the near-cache kept the newer answer");
+    assert_eq!(cached.as_of.view_lsn, Some(walcache_client::Lsn(0x200)));
+    server.abort();
+}

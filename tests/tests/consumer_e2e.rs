@@ -588,3 +588,85 @@ async fn api_errors_are_json_4xx_and_the_token_is_required() {
     c.stop().await;
     producer.stop().await.expect("drain");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_error_while_serving_resumes_where_it_was_and_coverage_never_moves_back() {
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let db = TestDb::create().await;
+    db.seed(1, 2_000).await;
+    let p = Pipeline::with_kafka(&db, &mock.bootstrap_servers());
+    for (topic, partitions) in [(&p.topic, p.partitions), (&p.watermarks, 1), (&p.dead_letter, 1)] {
+        mock.create_topic(topic, partitions, 1).expect("mock topic");
+    }
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let c = p.start_consumer("").await;
+    c.wait_ready(Duration::from_secs(60)).await;
+    wait_view_matches_table(&c, &db).await;
+    let view_lsn = |status: &Json| status["view"]["view_lsn"].as_str().and_then(|s| s.parse::<Lsn>().ok());
+    let (_, status) = c.get("/v1/status").await;
+    let mut highest = view_lsn(&status).expect("a view lsn");
+    let not_newer = || c.metrics.ignored.with_label_values(&["courier_performance", "not_newer"]).get();
+    let ignored_before = not_newer();
+
+    // Fetches fail with an error librdkafka hands to the application: the reading session ends.
+    mock.request_errors(RDKafkaApiKey::Fetch, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_TOPIC_AUTHORIZATION_FAILED; 3]);
+    let client = db.client().await;
+    client.execute("UPDATE courier_performance SET deliveries = 9 WHERE courier_id = 9", &[]).await.expect("update");
+    let lsn = commit_lsn(&client).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (_, status) = c.get("/v1/status").await;
+        if let Some(now) = view_lsn(&status) {
+            assert!(now >= highest, "coverage moved back from {highest} to {now}");
+            highest = now;
+        }
+        if highest >= lsn {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the view never got past the fetch errors");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, body) = c.row(9).await;
+    assert_eq!((status, body["value"]["deliveries"].as_i64()), (200, Some(9)), "{body}");
+    assert!(
+        not_newer() - ignored_before < 100,
+        "a reconnect re-read the topics from the start ({} events seen again)",
+        not_newer() - ignored_before
+    );
+    c.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_export_client_holds_up_neither_the_applier_nor_reads() {
+    let db = TestDb::create().await;
+    db.seed(1, 60_000).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(120)).await;
+    let c = p.start_consumer("").await;
+    c.wait_ready(Duration::from_secs(120)).await;
+    wait_view_matches_table(&c, &db).await;
+    // An export whose client reads nothing: its ~15 MB fill every buffer and the server waits.
+    let stalled = reqwest::Client::new()
+        .get(format!("{}/v1/tables/courier_performance/export", c.base))
+        .send()
+        .await
+        .expect("export starts");
+    assert_eq!(stalled.status(), 200);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every page changes meanwhile: whichever page the export is stuck in, the applier must
+    // write it, and reads must see the result.
+    let client = db.client().await;
+    client.execute("UPDATE courier_performance SET deliveries = deliveries + 1", &[]).await.expect("update all");
+    let lsn = commit_lsn(&client).await;
+    let expected = db.courier(59_999).await.expect("row").deliveries;
+    let (status, body) = c.get(&format!("/v1/tables/courier_performance/rows/59999?min_lsn={lsn}&wait_ms=60000")).await;
+    assert_eq!((status, body["value"]["deliveries"].as_i64()), (200, Some(i64::from(expected))), "{body}");
+    drop(stalled);
+    c.stop().await;
+    producer.stop().await.expect("drain");
+}
