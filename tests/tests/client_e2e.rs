@@ -312,8 +312,11 @@ async fn read_your_writes_on_a_lagging_view_answers_in_time_and_never_trips_the_
         ClientOptions::default().timeout(Duration::from_secs(1)).retries(0).breaker(BreakerConfig::new(1, OPEN_FOR)),
     )
     .expect("client");
-    // The caller's own commit, and its position as the client helper reads it.
+    // The caller's own commit, and its position as the client helper reads it. With
+    // synchronous_commit off the commit record may not be written yet when the call returns:
+    // the helper's position must still be at or past it.
     let pg = db.client().await;
+    pg.batch_execute("SET synchronous_commit = off").await.expect("async commit");
     pg.execute("UPDATE courier_performance SET deliveries = 5 WHERE courier_id = 3", &[]).await.expect("update");
     let mine = walcache_client::current_lsn(&pg).await.expect("lsn");
     let read = client.get::<CourierPerformance>(&3, &ReadOptions::default().min_lsn(mine)).await.expect("read");
