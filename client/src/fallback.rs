@@ -101,7 +101,7 @@ pub struct Answer<T> {
 ///     Ok(None)
 /// }
 ///
-/// # async fn demo() -> Result<(), std::io::Error> {
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 /// let cache = Client::new("http://walcache-consumer:8080", ClientOptions::default()).expect("url");
 /// let reads = Fallback::<CourierPerformance, _>::new(cache, load_from_incentives);
 /// let answer = reads.get(&42, &ReadOptions::default()).await?;
