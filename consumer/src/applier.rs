@@ -316,28 +316,26 @@ fn handle(view: &View, tracker: &mut Tracker, dead: &mut DeadLetters, m: &Borrow
         }
         Outcome::Unavailable(_) => metrics.applied.with_label_values(&[&table.spec.name, "unavailable"]).inc(),
         Outcome::Ignored(reason) => metrics.ignored.with_label_values(&[&table.spec.name, reason]).inc(),
-        Outcome::Blocking(bad) => {
+        Outcome::Bad(ref bad) | Outcome::Blocking(ref bad) => {
             view.dead_letters.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             metrics.dead_letters.with_label_values(&[bad.reason_code]).inc();
-            dead.publish(&table.spec.name, m, &bad);
-            view.block(Blocked {
-                topic: m.topic().to_string(),
-                partition: m.partition(),
-                offset: m.offset(),
-                reason: format!("{}: {}", bad.reason_code, bad.reason),
-            });
-        }
-        Outcome::Bad(bad) => {
-            view.dead_letters.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            metrics.dead_letters.with_label_values(&[bad.reason_code]).inc();
-            tracing::warn!(
-                topic = m.topic(),
-                partition = m.partition(),
-                offset = m.offset(),
-                reason = bad.reason_code,
-                "message set aside: it cannot be applied; its key reads unknown until a newer event"
-            );
-            dead.publish(&table.spec.name, m, &bad);
+            dead.publish(&table.spec.name, m, bad);
+            if matches!(outcome, Outcome::Blocking(_)) {
+                view.block(Blocked {
+                    topic: m.topic().to_string(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    reason: format!("{}: {}", bad.reason_code, bad.reason),
+                });
+            } else {
+                tracing::warn!(
+                    topic = m.topic(),
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    reason = bad.reason_code,
+                    "message set aside: it cannot be applied; its key reads unknown until a newer event"
+                );
+            }
         }
     }
     metrics.apply_seconds.observe(started.elapsed().as_secs_f64());
