@@ -143,10 +143,30 @@ fn built(dir: &str, name: &str) -> PathBuf {
     path
 }
 
-/// A TCP port that was free a moment ago.
+/// A TCP port that was free a moment ago, for a server a test starts next.
+///
+/// Not an ephemeral port: the kernel hands those out to every outgoing connection (to Postgres,
+/// to the broker), so one picked with `bind(:0)` and released can be taken by a client socket
+/// before the server binds it. Ports come from below the ephemeral range instead, from a
+/// per-process sequence so that two tests of one binary never get the same one, starting at an
+/// offset derived from the process id so that two processes rarely walk the same ports.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|low| *low > FIRST + 1_000)
+        .unwrap_or(32_768);
+    let span = ephemeral_low - FIRST;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).expect("below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port between {FIRST} and {ephemeral_low}")
 }

@@ -14,14 +14,36 @@ use tokio_util::sync::CancellationToken;
 #[derive(Debug)]
 pub struct BlackHole {
     accepted: Arc<AtomicUsize>,
+    port: u16,
     stop: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
 
 impl BlackHole {
-    /// Listens on `127.0.0.1:port` (the port must be free).
+    /// Listens on a port of its own; [`BlackHole::port`] says which.
+    pub async fn bind_any() -> BlackHole {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.unwrap_or_else(|e| panic!("bind a port: {e}"));
+        Self::serve(listener)
+    }
+
+    /// Listens on `127.0.0.1:port`, a port a server of the test has just given up: binding is
+    /// retried for a while in case the old socket is still being torn down.
     pub async fn bind(port: u16) -> BlackHole {
-        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap_or_else(|e| panic!("bind port {port}: {e}"));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+        loop {
+            match TcpListener::bind(("127.0.0.1", port)).await {
+                Ok(listener) => return Self::serve(listener),
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(port, error = %e, "port not free yet");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                }
+                Err(e) => panic!("bind port {port}: {e}"),
+            }
+        }
+    }
+
+    fn serve(listener: TcpListener) -> BlackHole {
+        let port = listener.local_addr().map(|a| a.port()).unwrap_or_default();
         let accepted = Arc::new(AtomicUsize::new(0));
         let stop = CancellationToken::new();
         let (count, token) = (accepted.clone(), stop.clone());
@@ -41,7 +63,12 @@ impl BlackHole {
                 }
             }
         });
-        BlackHole { accepted, stop, task }
+        BlackHole { accepted, port, stop, task }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// Connections accepted so far.

@@ -37,9 +37,9 @@ async fn the_fallback_answers_when_the_cache_is_down_and_the_breaker_opens_and_c
     let p = Pipeline::new(&db);
     let producer = p.start_in_process();
     producer.wait_ready(Duration::from_secs(60)).await;
-    let port = free_port();
-    let consumer = p.start_consumer_on(port, "").await;
+    let consumer = p.start_consumer("").await;
     consumer.wait_ready(Duration::from_secs(30)).await;
+    let port = consumer.running.addr.port();
 
     let fallbacks = Arc::new(AtomicUsize::new(0));
     let (db2, counter) = (db.clone(), fallbacks.clone());
@@ -265,8 +265,8 @@ async fn the_cli_answers_with_helpful_exit_codes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cancelled_half_open_probe_is_given_back() {
-    let port = free_port();
-    let hung_cache = BlackHole::bind(port).await;
+    let hung_cache = BlackHole::bind_any().await;
+    let port = hung_cache.port();
     let client = Client::new(
         &format!("http://127.0.0.1:{port}"),
         ClientOptions::default()
