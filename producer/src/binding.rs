@@ -163,6 +163,29 @@ impl Binding {
         Ok(())
     }
 
+    /// The columns the contract reads that arrived as unchanged TOAST values (no value in the
+    /// stream), by position in the relation.
+    pub fn unchanged_toast_columns(&self, columns: &[ColumnRef]) -> Vec<usize> {
+        self.row_columns
+            .iter()
+            .flatten()
+            .copied()
+            .filter(|&c| columns.get(c).is_some_and(|v| v.kind == ColumnKind::UnchangedToast))
+            .collect()
+    }
+
+    /// The key columns as (column name, text value), when the tuple carries all of them.
+    pub fn key_text<'m>(&self, message: &'m [u8], columns: &[ColumnRef]) -> Option<Vec<(&str, &'m [u8])>> {
+        self.key_columns
+            .iter()
+            .map(|col| {
+                let c = (*col)?;
+                let v = columns.get(c).filter(|v| v.kind == ColumnKind::Text)?;
+                Some((self.relation.columns[c].name.as_str(), v.bytes(message)))
+            })
+            .collect()
+    }
+
     /// Encodes the key body (no header) from a tuple (a new row, an old row or a key tuple).
     pub fn encode_key(&self, message: &[u8], columns: &[ColumnRef], out: &mut Vec<u8>) -> Result<(), Violation> {
         out.clear();

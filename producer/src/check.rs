@@ -404,7 +404,11 @@ async fn table_checks(
                                 "{name} stores values over about 2 kB of {} out of line (TOAST); an update that leaves such a value unchanged does not carry it",
                                 toastable.join(", ")
                             ),
-                            format!("such rows go to the dead-letter topic; ALTER TABLE {name} REPLICA IDENTITY FULL carries them"),
+                            format!(
+                                "the producer re-reads such a value by key, which is exact only while the row has not changed again; \
+                                 otherwise the update is set aside (unchanged_toast) and the key reads unknown until its next change. \
+                                 ALTER TABLE {name} REPLICA IDENTITY FULL carries the values in the stream"
+                            ),
                         );
                     }
                 }

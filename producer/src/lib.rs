@@ -11,6 +11,7 @@
 //! - [`events`]: change -> Kafka messages (envelopes, tombstones, truncate markers, dead letters).
 //! - [`pgoutput`], [`binding`]: decoding the stream and applying the contract.
 //! - [`snapshot`], [`state`]: the initial snapshot and what a restart resumes from.
+//! - [`reselect`]: unchanged TOAST values re-read by key, only when exact.
 //! - [`postgres`], [`check`]: the control plane and prerequisite checks.
 
 pub mod binding;
@@ -22,6 +23,7 @@ pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod postgres;
+pub mod reselect;
 pub mod sink;
 pub mod snapshot;
 pub mod state;

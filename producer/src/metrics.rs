@@ -13,6 +13,7 @@ pub const CONFIRMED_LSN: &str = "walcache_producer_confirmed_lsn";
 pub const SLOT_LAG_BYTES: &str = "walcache_producer_slot_lag_bytes";
 pub const DEAD_LETTERS_TOTAL: &str = "walcache_producer_dead_letters_total";
 pub const UNAVAILABLE_MARKERS_TOTAL: &str = "walcache_producer_unavailable_markers_total";
+pub const TOAST_RESELECTS_TOTAL: &str = "walcache_producer_toast_reselects_total";
 pub const SNAPSHOT_ROWS_TOTAL: &str = "walcache_producer_snapshot_rows_total";
 pub const SNAPSHOT_PROGRESS: &str = "walcache_producer_snapshot_progress_ratio";
 pub const WATERMARKS_TOTAL: &str = "walcache_producer_watermarks_total";
@@ -34,6 +35,7 @@ pub struct Metrics {
     pub slot_lag_bytes: Gauge,
     pub dead_letters: IntCounterVec,
     pub unavailable_markers: IntCounterVec,
+    pub toast_reselects: IntCounterVec,
     pub snapshot_rows: IntCounterVec,
     pub snapshot_progress: GaugeVec,
     pub watermarks: IntCounterVec,
@@ -78,6 +80,14 @@ impl Metrics {
                 ),
                 &["table"],
             )?,
+            toast_reselects: IntCounterVec::new(
+                Opts::new(
+                    TOAST_RESELECTS_TOTAL,
+                    "Updates with unchanged TOAST values re-read by key; outcome filled, or superseded \
+                     (the row changed again since: set aside as unavailable)",
+                ),
+                &["table", "outcome"],
+            )?,
             snapshot_rows: IntCounterVec::new(
                 Opts::new(SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot"),
                 &["table"],
@@ -108,6 +118,7 @@ impl Metrics {
         m.registry.register(Box::new(m.slot_lag_bytes.clone()))?;
         m.registry.register(Box::new(m.dead_letters.clone()))?;
         m.registry.register(Box::new(m.unavailable_markers.clone()))?;
+        m.registry.register(Box::new(m.toast_reselects.clone()))?;
         m.registry.register(Box::new(m.snapshot_rows.clone()))?;
         m.registry.register(Box::new(m.snapshot_progress.clone()))?;
         m.registry.register(Box::new(m.watermarks.clone()))?;

@@ -27,10 +27,10 @@ use crate::binding::{Binding, TableRuntime};
 use crate::config::{PINNED_TEXT_SETTINGS, PgConnection, ProducerConfig, SnapshotMode};
 use crate::events::Emitter;
 use crate::metrics::Metrics;
-use crate::pgoutput::{self, Change, Tuples};
+use crate::pgoutput::{self, Change, OldTuple, Tuples};
 use crate::postgres::{Control, HEARTBEAT_PREFIX, parse_lsn, quote_ident};
 use crate::sink::{Checkpoint, CheckpointKind, Sink};
-use crate::{check, snapshot, state};
+use crate::{check, reselect, snapshot, state};
 
 /// A configured producer, ready to run.
 pub struct Producer {
@@ -221,7 +221,7 @@ impl Producer {
             } else if marker.is_some() {
                 tracing::warn!("the slot is gone (dropped?); creating a new one, which needs a new initial snapshot");
             }
-            self.create_slot_and_snapshot(&mut sink, &mut emitter, cancel).await?
+            self.create_slot_and_snapshot(&control, &mut sink, &mut emitter, cancel).await?
         };
         self.stream(client, &control, sink, emitter, cancel).await
     }
@@ -258,6 +258,7 @@ impl Producer {
     /// records completion, then starts streaming on the same replication session.
     async fn create_slot_and_snapshot(
         &self,
+        control: &Control,
         sink: &mut Sink,
         emitter: &mut Emitter,
         cancel: &CancellationToken,
@@ -289,6 +290,11 @@ impl Producer {
             self.health.set_not_ready("initial snapshot in progress");
             let started = Instant::now();
             let mut total = 0;
+            // The copy does not use the control connection, so nothing else would notice the
+            // lock going with it (a terminated backend, an idle_session_timeout): a standby
+            // could then snapshot the same slot beside this one.
+            let copy_stop = cancel.child_token();
+            let leadership = LeadershipWatch::start(control, slot, copy_stop.clone());
             for table in &self.tables {
                 // The snapshot replaces the table: rows older than its consistent point that
                 // it does not copy again (deleted while no producer ran) must not survive.
@@ -308,14 +314,19 @@ impl Producer {
                     sink,
                     emitter,
                     &self.metrics,
-                    cancel,
+                    &copy_stop,
                 )
                 .instrument(tracing::info_span!("snapshot", table = %table.qualified))
-                .await?;
+                .await;
+                let copied = leadership.check(copied)?;
                 total += copied.rows;
             }
-            sink.flush(tokio::time::Instant::now() + Duration::from_secs(3600)).await?;
+            leadership.check(sink.flush(tokio::time::Instant::now() + Duration::from_secs(3600)).await)?;
             tracing::info!(rows = total, secs = started.elapsed().as_secs_f64(), "initial snapshot delivered");
+        }
+        // The marker says this slot's snapshot is complete: only its leader may write it.
+        if !control.holds_leader_lock(slot).await? {
+            return Err(lost_leadership());
         }
         let done = Checkpoint { lsn: consistent_point, commit_ts_micros: snapshot_ts, kind: CheckpointKind::Snapshot };
         sink.take_completed();
@@ -387,6 +398,68 @@ fn lost_control() -> ProducerError {
         context: "the control connection to Postgres ended, and with it the leader lock".into(),
         source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "control connection lost"),
     })
+}
+
+fn lost_leadership() -> ProducerError {
+    ProducerError::Common(walcache_common::CommonError::Io {
+        context: "this producer no longer holds the slot's leader lock (its control connection was terminated or \
+                  timed out); another instance may lead now, so this one stopped and stands by"
+            .into(),
+        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "leader lock lost"),
+    })
+}
+
+/// How often the snapshot confirms that its producer still leads the slot.
+const LEADERSHIP_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+
+/// Watches the leader lock while a snapshot copies: when the control connection ends or the
+/// lock is no longer held, it stops the copy, and [`LeadershipWatch::check`] turns the
+/// copy's outcome into "leadership lost".
+struct LeadershipWatch {
+    lost: CancellationToken,
+    _stop_watching: tokio_util::sync::DropGuard,
+}
+
+impl LeadershipWatch {
+    fn start(control: &Control, slot: &str, copy_stop: CancellationToken) -> Self {
+        let (control, slot) = (control.clone(), slot.to_string());
+        let lost = CancellationToken::new();
+        let done = CancellationToken::new();
+        let (lost_signal, finished) = (lost.clone(), done.clone());
+        tokio::spawn(
+            async move {
+                let mut tick = tokio::time::interval(LEADERSHIP_CHECK_INTERVAL);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let still_leader = loop {
+                    tokio::select! {
+                        _ = finished.cancelled() => return,
+                        _ = control.lost.cancelled() => break false,
+                        _ = tick.tick() => match control.holds_leader_lock(&slot).await {
+                            Ok(true) => {}
+                            Ok(false) => break false,
+                            // The connection is failing: the lock may already be gone.
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot confirm the leader lock");
+                                break false;
+                            }
+                        },
+                    }
+                };
+                if !still_leader {
+                    tracing::warn!("lost the leader lock during the snapshot; stopping the snapshot");
+                    lost_signal.cancel();
+                    copy_stop.cancel();
+                }
+            }
+            .instrument(tracing::info_span!("leadership")),
+        );
+        LeadershipWatch { lost, _stop_watching: done.drop_guard() }
+    }
+
+    /// The copy's outcome, unless leadership was lost meanwhile (whatever the copy says then).
+    fn check<T>(&self, outcome: Result<T, ProducerError>) -> Result<T, ProducerError> {
+        if self.lost.is_cancelled() { Err(lost_leadership()) } else { outcome }
+    }
 }
 
 /// Heartbeats through the WAL and slot-lag measurement, beside the stream.
@@ -461,7 +534,7 @@ impl Stream<'_> {
                 _ = control.lost.cancelled() => return Err(lost_control()),
                 done = sink.wait_completions(), if sink.has_pending() => { done?; }
                 event = client.recv(), if sink.has_room() => match event {
-                    Ok(Some(event)) => self.handle(event, sink, emitter).await?,
+                    Ok(Some(event)) => self.handle(event, control, sink, emitter).await?,
                     Ok(None) => {
                         return Err(ProducerError::repl(
                             "the replication stream ended",
@@ -478,6 +551,7 @@ impl Stream<'_> {
     async fn handle(
         &mut self,
         event: ReplicationEvent,
+        control: &Control,
         sink: &mut Sink,
         emitter: &mut Emitter,
     ) -> Result<(), ProducerError> {
@@ -501,7 +575,7 @@ impl Stream<'_> {
                     kind: CheckpointKind::Commit,
                 });
             }
-            ReplicationEvent::XLogData { data, .. } => self.change(&data, sink, emitter).await?,
+            ReplicationEvent::XLogData { data, .. } => self.change(&data, control, sink, emitter).await?,
             ReplicationEvent::KeepAlive { wal_end, server_time_micros, .. } => {
                 // Between transactions everything before wal_end has been sent to us, so once
                 // it is all in Kafka the view is complete up to wal_end.
@@ -525,7 +599,13 @@ impl Stream<'_> {
         Ok(())
     }
 
-    async fn change(&mut self, data: &[u8], sink: &mut Sink, emitter: &mut Emitter) -> Result<(), ProducerError> {
+    async fn change(
+        &mut self,
+        data: &[u8],
+        control: &Control,
+        sink: &mut Sink,
+        emitter: &mut Emitter,
+    ) -> Result<(), ProducerError> {
         let change = pgoutput::decode(data, &mut self.tuples)?;
         let relation = match &change {
             Change::Relation(r) => {
@@ -562,7 +642,40 @@ impl Stream<'_> {
             }
             Change::Update { old_kind, .. } => {
                 let old = old_kind.map(|k| (k, &t.old[..]));
-                emitter.upsert(sink, binding, Op::Update, data, &t.new, old, &mut position).await?;
+                // A full old row (REPLICA IDENTITY FULL) carries unchanged TOAST values itself.
+                let unchanged =
+                    if old_kind == Some(OldTuple::Full) { Vec::new() } else { binding.unchanged_toast_columns(&t.new) };
+                let filled = if unchanged.is_empty() {
+                    None
+                } else {
+                    let outcome =
+                        reselect::fill_unchanged_toast(control, binding, data, &t.new, &unchanged, position.txid).await;
+                    let reselects = &self.producer.metrics.toast_reselects;
+                    match outcome {
+                        Ok(Ok(filled)) => {
+                            reselects.with_label_values(&[&binding.table.qualified, "filled"]).inc();
+                            Some(filled)
+                        }
+                        // Set aside below as an unchanged-TOAST dead letter: consumers hold
+                        // the key as unknown until its next change.
+                        Ok(Err(why)) => {
+                            reselects.with_label_values(&[&binding.table.qualified, why.as_str()]).inc();
+                            None
+                        }
+                        Err(e) if e.is_transient() => return Err(e),
+                        Err(e) => {
+                            tracing::warn!(table = %binding.table.qualified, error = %e, "cannot re-read an unchanged TOAST value; the change is set aside");
+                            reselects.with_label_values(&[&binding.table.qualified, "failed"]).inc();
+                            None
+                        }
+                    }
+                };
+                match &filled {
+                    Some(f) => {
+                        emitter.upsert(sink, binding, Op::Update, &f.message, &f.columns, old, &mut position).await?
+                    }
+                    None => emitter.upsert(sink, binding, Op::Update, data, &t.new, old, &mut position).await?,
+                }
             }
             Change::Delete { old_kind, .. } => {
                 emitter.delete(sink, binding, data, old_kind, &t.old, &mut position).await?;

@@ -81,6 +81,21 @@ impl Control {
         Ok(row.get(0))
     }
 
+    /// Whether this connection still holds the slot's leader lock. A query on the control
+    /// connection also keeps it from counting as idle (`idle_session_timeout`).
+    pub async fn holds_leader_lock(&self, slot: &str) -> Result<bool, ProducerError> {
+        let row = self
+            .client
+            .query_one(
+                "SELECT EXISTS (SELECT 1 FROM pg_locks WHERE locktype = 'advisory' AND classid = $1::int::oid \
+                 AND objid = hashtext($2)::oid AND pid = pg_backend_pid() AND granted)",
+                &[&LOCK_CLASS, &slot],
+            )
+            .await
+            .map_err(|e| ProducerError::pg("checking the leader lock", e))?;
+        Ok(row.get(0))
+    }
+
     /// The pid of the session holding the leader lock, for messages.
     pub async fn leader_pid(&self, slot: &str) -> Result<Option<i32>, ProducerError> {
         let row = self

@@ -76,8 +76,9 @@ impl fmt::Display for Violation {
             }
             Violation::UnchangedToast { field } => write!(
                 f,
-                "{field} is an unchanged TOASTed value that the update does not carry; \
-                 set REPLICA IDENTITY FULL on the table so updates carry every column"
+                "{field} is an unchanged TOASTed value that the update does not carry, and the row \
+                 had changed again before it could be re-read; set REPLICA IDENTITY FULL on the table \
+                 so updates carry every column"
             ),
             Violation::MissingColumn { field } => {
                 write!(f, "the table has no column {field}, which the contract requires (dropped or renamed?)")

@@ -29,6 +29,17 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// A fresh database seeded with `rows` couriers, and a producer streaming it (its
+    /// snapshot delivered).
+    pub async fn streaming(rows: i64) -> (Pipeline, InProcess) {
+        let db = TestDb::create().await;
+        db.seed(1, rows).await;
+        let pipeline = Pipeline::new(&db);
+        let producer = pipeline.start_in_process();
+        producer.wait_ready(Duration::from_secs(60)).await;
+        (pipeline, producer)
+    }
+
     pub fn new(db: &TestDb) -> Pipeline {
         Self::with_kafka(db, &db.env.kafka)
     }

@@ -226,11 +226,7 @@ async fn verify_stays_quiet_on_a_healthy_view_and_finds_injected_drift() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cli_answers_with_helpful_exit_codes() {
-    let db = TestDb::create().await;
-    db.seed(1, 20).await;
-    let p = Pipeline::new(&db);
-    let producer = p.start_in_process();
-    producer.wait_ready(Duration::from_secs(60)).await;
+    let (p, producer) = Pipeline::streaming(20).await;
     let consumer = p.start_consumer("").await;
     consumer.wait_ready(Duration::from_secs(30)).await;
     let cli = |args: &[&str]| {

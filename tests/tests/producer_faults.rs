@@ -1,7 +1,7 @@
 //! The producer under faults: kill -9 at the worst moments, the broker going away (a real
-//! restart and injected errors), a standby taking over, a SIGTERM drain. In every case every
-//! committed change ends up on the topic, and duplicates appear only where a position had
-//! not yet been confirmed to the slot.
+//! restart and injected errors), a standby taking over, the leader lock lost mid-snapshot, a
+//! SIGTERM drain. In every case every committed change ends up on the topic, and duplicates
+//! appear only where a position had not yet been confirmed to the slot.
 
 use std::time::{Duration, Instant};
 
@@ -307,6 +307,73 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     let txids = writer.stop().await;
     let events = converge(&p, Duration::from_secs(60)).await;
     assert_all_on_topic(&events, &txids);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_that_loses_its_lock_mid_snapshot_stops_copying_and_the_slot_gets_one_snapshot() {
+    let db = TestDb::create().await;
+    db.seed(1, 150_000).await;
+    let p = Pipeline::new(&db);
+    let mut first = p.spawn();
+    wait_for("the first producer to lead", Duration::from_secs(60), || async {
+        first.log().contains("leading the slot").then_some(())
+    })
+    .await;
+    let mut second = p.spawn();
+    wait_for("the second producer to stand by", Duration::from_secs(30), || async {
+        second.log().contains("standing by").then_some(())
+    })
+    .await;
+    wait_for("the snapshot to be under way", Duration::from_secs(60), || async {
+        (topic_size(&p).await >= 10_000).then_some(())
+    })
+    .await;
+    // The lock goes with the leader's control connection (as an idle_session_timeout or an
+    // operator's pg_terminate_backend would take it) while the leader process lives on.
+    let pg = db.client().await;
+    let terminated: i64 = pg
+        .query_one(
+            "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_locks \
+             WHERE locktype = 'advisory' AND granted \
+             AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+            &[],
+        )
+        .await
+        .expect("terminate the leader's control connection")
+        .get(0);
+    assert_eq!(terminated, 1, "one session held the leader lock");
+    let partial = topic_size(&p).await;
+    assert!(partial < 150_000, "the loss should land mid-snapshot (topic had {partial})");
+    wait_for("the old leader to notice", Duration::from_secs(30), || async {
+        first.log().contains("lost the leader lock").then_some(())
+    })
+    .await;
+
+    // One of the two leads now and completes a snapshot of its own.
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !first.ready().await && !second.ready().await {
+        assert!(!first.has_exited() && !second.has_exited(), "{}\n---\n{}", first.log(), second.log());
+        assert!(Instant::now() < deadline, "no producer became ready: {}\n---\n{}", first.log(), second.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The old leader's first session never finished its copy nor marked the slot streaming:
+    // whatever it logged as delivered, it did as leader again, in a later session.
+    let log = first.log();
+    let first_session = match log.match_indices("leading the slot").nth(1) {
+        Some((second_lead, _)) => &log[..second_lead],
+        None => &log[..],
+    };
+    assert!(
+        !first_session.contains("initial snapshot delivered") && !first_session.contains("streaming changes"),
+        "the old leader carried on without the lock: {first_session}"
+    );
+    let writer = Writer::start(&db, 150_000, 10_000_000, Duration::from_millis(2)).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let txids = writer.stop().await;
+    let events = converge(&p, Duration::from_secs(120)).await;
+    assert_all_on_topic(&events, &txids);
+    first.terminate(Duration::from_secs(30));
+    second.terminate(Duration::from_secs(30));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

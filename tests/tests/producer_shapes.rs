@@ -248,11 +248,8 @@ async fn a_row_over_the_message_limit_is_set_aside_and_the_pipeline_moves_on() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renamed_table_stops_the_producer_before_its_changes_are_confirmed() {
-    let db = TestDb::create().await;
-    db.seed(1, 20).await;
-    let p = Pipeline::new(&db);
-    let producer = p.start_in_process();
-    producer.wait_ready(Duration::from_secs(60)).await;
+    let (p, producer) = Pipeline::streaming(20).await;
+    let db = &p.db;
     let client = db.client().await;
     client.batch_execute("UPDATE courier_performance SET deliveries = 1 WHERE courier_id = 1").await.expect("before");
     let before = db.current_lsn().await;
