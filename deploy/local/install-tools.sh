@@ -37,6 +37,14 @@ install_sqlite3() {
     || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq sqlite3 >/dev/null; }
 }
 
+install_openssl() {
+  # Makes the local cluster's CA and server certificate (TLS tests, sslmode=verify-full).
+  command -v openssl >/dev/null && return
+  log "installing openssl (Debian package)"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null \
+    || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl >/dev/null; }
+}
+
 install_redis() {
   # Only the benchmark uses it, as the read-throughput baseline.
   command -v redis-server >/dev/null && command -v redis-benchmark >/dev/null && return
@@ -65,7 +73,8 @@ case "${1:-all}" in
   postgres) install_postgres ;;
   tansu) install_tansu ;;
   redis) install_redis ;;
-  all) install_postgres; install_sqlite3; install_tansu ;;
+  openssl) install_openssl ;;
+  all) install_postgres; install_sqlite3; install_openssl; install_tansu ;;
   path-tansu) echo "$TANSU_BIN" ;;
   *) echo "usage: $0 [all|postgres|tansu|redis|path-tansu]" >&2; exit 2 ;;
 esac

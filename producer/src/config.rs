@@ -27,6 +27,7 @@ use walcache_common::config::{KafkaConfig, OpsConfig, Secret};
 use walcache_schemas::{Contract, Registry};
 
 use crate::ProducerError;
+use crate::tls::{PgTls, SslMode, split_tls_params};
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -65,6 +66,13 @@ pub struct PostgresConfig {
     /// Publication (created for the configured tables if missing).
     #[serde(default = "default_slot")]
     pub publication: String,
+    /// libpq's `sslmode` (default `prefer`); `sslmode` in the URL works too.
+    #[serde(default)]
+    pub sslmode: Option<SslMode>,
+    /// PEM file of the CA that signed the server's certificate, for `verify-ca` and
+    /// `verify-full`; `sslrootcert` in the URL works too.
+    #[serde(default)]
+    pub sslrootcert: Option<PathBuf>,
 }
 
 fn default_slot() -> String {
@@ -191,6 +199,7 @@ pub struct PgConnection {
     pub user: String,
     pub password: Secret,
     pub database: String,
+    pub tls: PgTls,
 }
 
 impl PgConnection {
@@ -203,6 +212,7 @@ impl PgConnection {
             .dbname(&self.database)
             .application_name(application)
             .options(PINNED_TEXT_SETTINGS)
+            .ssl_mode(self.tls.tokio_ssl_mode())
             .connect_timeout(Duration::from_secs(10));
         if !self.password.is_empty() {
             c.password(self.password.expose());
@@ -293,7 +303,8 @@ impl ProducerConfig {
 
     /// The Postgres connection with its password resolved from env or file.
     pub fn pg_connection(&self) -> Result<PgConnection, ProducerError> {
-        let parsed: tokio_postgres::Config = self.postgres.url.expose().parse().map_err(|e| {
+        let (url, url_mode, url_root) = split_tls_params(self.postgres.url.expose());
+        let parsed: tokio_postgres::Config = url.parse().map_err(|e| {
             ProducerError::Config(format!(
                 "postgres.url does not parse ({e}); expected postgres://user@host:port/database"
             ))
@@ -314,7 +325,19 @@ impl ProducerConfig {
             (None, None, Some(p)) => Secret::new(String::from_utf8_lossy(p).into_owned()),
             (None, None, None) => Secret::default(),
         };
-        Ok(PgConnection { host, port, user, password, database })
+        let url_mode = url_mode.as_deref().map(SslMode::parse).transpose()?;
+        let mode = match (self.postgres.sslmode, url_mode) {
+            (Some(a), Some(b)) if a != b => {
+                return Err(ProducerError::Config(format!(
+                    "postgres.sslmode ({a:?}) and sslmode in postgres.url ({b:?}) disagree; set one of them"
+                )));
+            }
+            (Some(mode), _) | (None, Some(mode)) => mode,
+            (None, None) => SslMode::default(),
+        };
+        let root_cert = self.postgres.sslrootcert.clone().or(url_root.map(PathBuf::from));
+        let tls = PgTls::new(mode, root_cert)?;
+        Ok(PgConnection { host, port, user, password, database, tls })
     }
 
     /// The configured tables resolved against the contracts.

@@ -118,6 +118,12 @@ impl ProducerError {
     }
 
     pub(crate) fn repl(context: impl Into<String>, source: PgWireError) -> Self {
+        if let PgWireError::Tls(cause) = &source {
+            return ProducerError::Prerequisite {
+                problem: format!("replication: {}: TLS failed: {cause}", context.into()),
+                fix: crate::tls::TLS_FIX.into(),
+            };
+        }
         ProducerError::Replication { context: context.into(), source }
     }
 }

@@ -12,7 +12,7 @@
 //! - [`pgoutput`], [`binding`]: decoding the stream and applying the contract.
 //! - [`snapshot`], [`state`]: the initial snapshot and what a restart resumes from.
 //! - [`reselect`]: unchanged TOAST values re-read by key, only when exact.
-//! - [`postgres`], [`check`]: the control plane and prerequisite checks.
+//! - [`postgres`], [`check`]: the control plane and prerequisite checks; [`tls`]: sslmode.
 
 pub mod binding;
 pub mod check;
@@ -27,6 +27,7 @@ pub mod reselect;
 pub mod sink;
 pub mod snapshot;
 pub mod state;
+pub mod tls;
 
 pub use config::ProducerConfig;
 pub use error::ProducerError;

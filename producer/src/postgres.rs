@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tokio_util::sync::CancellationToken;
 use walcache_schemas::Lsn;
 
@@ -51,11 +51,10 @@ pub(crate) fn parse_lsn(text: &str) -> Result<Lsn, ProducerError> {
 
 impl Control {
     pub async fn connect(conn: &PgConnection, application: &str) -> Result<Control, ProducerError> {
-        let (client, connection) = conn
-            .tokio_config(application)
-            .connect(NoTls)
-            .await
-            .map_err(|e| ProducerError::pg(format!("connecting to {}", conn.describe()), e))?;
+        let (client, connection) = conn.tokio_config(application).connect(conn.tls.connector()).await.map_err(|e| {
+            crate::tls::tls_failure(&conn.describe(), conn.tls.mode, &e)
+                .unwrap_or_else(|| ProducerError::pg(format!("connecting to {}", conn.describe()), e))
+        })?;
         let lost = CancellationToken::new();
         let lost_signal = lost.clone();
         tokio::spawn(async move {

@@ -16,7 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use tokio_postgres::NoTls;
 use tokio_util::sync::CancellationToken;
 use walcache_schemas::{Op, Position};
 
@@ -49,7 +48,7 @@ pub async fn copy_table(
 ) -> Result<TableSnapshot, ProducerError> {
     let (client, connection) = pg
         .tokio_config("walcache-producer-snapshot")
-        .connect(NoTls)
+        .connect(pg.tls.connector())
         .await
         .map_err(|e| ProducerError::pg("connecting for the snapshot", e))?;
     let conn_task = tokio::spawn(async move {

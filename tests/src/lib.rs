@@ -39,6 +39,8 @@ pub struct Env {
     pub pg_port: u16,
     pub pg_password_file: PathBuf,
     pub pg_password: String,
+    /// The CA that signed the local cluster's server certificate (for localhost, 127.0.0.1).
+    pub pg_ca: PathBuf,
     pub kafka: String,
 }
 
@@ -78,6 +80,7 @@ pub fn load_env(repo: &Path, dir: &Path, command: &str) -> Env {
         pg_port: var("WALCACHE_LOCAL_PG_PORT").and_then(|p| p.parse().ok()).expect("pg port"),
         pg_password: std::fs::read_to_string(&pg_password_file).expect("password").trim().to_string(),
         pg_password_file,
+        pg_ca: var("WALCACHE_LOCAL_PG_CA").map(PathBuf::from).expect("the local cluster's CA"),
         kafka: var("WALCACHE_LOCAL_KAFKA").unwrap_or_default(),
     }
 }

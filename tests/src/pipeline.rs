@@ -118,9 +118,14 @@ listen = "127.0.0.1:{ops_port}"
 
     /// Runs the producer in this process.
     pub fn start_in_process(&self) -> InProcess {
+        self.start_in_process_with(self.config())
+    }
+
+    /// Runs the producer in this process with a configuration the test changed.
+    pub fn start_in_process_with(&self, config: ProducerConfig) -> InProcess {
         let metrics = Metrics::new().expect("metrics");
         let health = Arc::new(Health::default());
-        let producer = Producer::new(self.config(), metrics.clone(), Arc::clone(&health)).expect("valid config");
+        let producer = Producer::new(config, metrics.clone(), Arc::clone(&health)).expect("valid config");
         let cancel = CancellationToken::new();
         let token = cancel.clone();
         let handle = tokio::spawn(async move { producer.run(token).await });

@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::{Map, Value as Json};
+use walcache_common::config::Secret;
 use walcache_common::dead_letter::DeadLetter;
 use walcache_producer::ProducerError;
 use walcache_tests::events::{Event, check_order_per_key, decode_all, materialize};
@@ -403,4 +404,89 @@ async fn check_says_what_is_unsafe_about_existing_topics() {
         text.contains(&format!("WARN topic {} has replication factor 1, below topics.replication_factor (3)", p.topic)),
         "{text}"
     );
+}
+
+/// A CA of its own (self-signed) in `dir`, that signed nothing the server presents.
+fn unrelated_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    let pem = dir.join("other-ca.pem");
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=not the server's CA"])
+        .arg("-keyout")
+        .arg(dir.join("other-ca.key"))
+        .arg("-out")
+        .arg(&pem)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs (deploy/local/install-tools.sh installs it)");
+    assert!(status.success(), "openssl made no CA");
+    pem
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_postgres_is_verified_and_used_on_every_connection() {
+    let db = TestDb::create().await;
+    db.seed(1, 20).await;
+    let p = Pipeline::new(&db);
+    // The oracle is the server's own rule: it rejects every plaintext connection of the
+    // producer's role to this database, the replication connection included (a logical one
+    // names its database). The test reads Postgres as another role, in plaintext.
+    let pg = db.client().await;
+    let role = format!("{}_tls", db.name);
+    pg.batch_execute(&format!(
+        "CREATE ROLE {role} LOGIN SUPERUSER PASSWORD '{}'",
+        db.env.pg_password.replace('\'', "''")
+    ))
+    .await
+    .expect("role");
+    let hba_file: String = pg.query_one("SHOW hba_file", &[]).await.expect("hba_file").get(0);
+    let hba = std::fs::read_to_string(&hba_file).expect("read pg_hba.conf");
+    let rule = format!("hostnossl {} {role} all reject\n", db.name);
+    std::fs::write(&hba_file, format!("{rule}{hba}")).expect("write pg_hba.conf");
+    pg.batch_execute("SELECT pg_reload_conf()").await.expect("reload");
+    let plaintext = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user={role} password={} dbname={}",
+            db.env.pg_port, db.env.pg_password, db.name
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await;
+    assert!(plaintext.is_err(), "the server still accepts plaintext connections of {role}");
+
+    let url = |mode: &str, host: &str, ca: &std::path::Path| {
+        format!("postgres://{role}@{host}:{}/{}?sslmode={mode}&sslrootcert={}", db.env.pg_port, db.name, ca.display())
+    };
+    // A CA that did not sign the server's certificate: a definite error that names TLS and
+    // what to check, not a retry loop.
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let mut config = p.config();
+    config.postgres.url = Secret::new(url("verify-full", "localhost", &unrelated_ca(scratch.path())));
+    let error = p.start_in_process_with(config).exited(Duration::from_secs(60)).await.expect_err("refused");
+    let text = error.to_string();
+    assert!(!error.is_transient(), "{text}");
+    assert!(text.contains("TLS") && text.contains("sslrootcert") && text.contains("verify-full"), "{text}");
+
+    // The right CA: control, snapshot and replication connections all pass the rule, so the
+    // snapshot arrives and a streamed change follows it.
+    for (mode, host) in [("verify-full", "localhost"), ("verify-ca", "127.0.0.1")] {
+        let mut config = p.config();
+        config.postgres.url = Secret::new(url(mode, host, &db.env.pg_ca));
+        let producer = p.start_in_process_with(config);
+        producer.wait_ready(Duration::from_secs(60)).await;
+        pg.batch_execute(&format!("UPDATE courier_performance SET notes = 'over TLS ({mode})' WHERE courier_id = 3"))
+            .await
+            .expect("update");
+        converge_to(&p, || db.contract_view()).await;
+        let encrypted: i64 = pg
+            .query_one(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+                 WHERE a.datname = current_database() AND a.application_name LIKE 'walcache-producer-%' AND s.ssl",
+                &[],
+            )
+            .await
+            .expect("pg_stat_ssl")
+            .get(0);
+        assert!(encrypted >= 2, "control and replication connections are encrypted ({encrypted})");
+        producer.stop().await.expect("drain");
+    }
 }
