@@ -3,6 +3,7 @@
 
 CARGO ?= cargo
 TEST_ENV := .walcache/test
+TEST_BROKER_MAINTENANCE := 30days
 
 .PHONY: demo test tools build lint bench env-up env-down clean
 
@@ -16,9 +17,10 @@ demo: tools build
 	$(CARGO) run --quiet -p walcache-tests --bin walcache-demo
 
 # One fresh environment for the whole run (destroyed after it: tansu slows down as its sqlite
-# storage fills up); every test gets its own database, slot and topics.
+# storage fills up); every test gets its own database, slot and topics. The broker does not
+# compact during the run, so a test can demand every committed change's own event.
 test: tools
-	deploy/local/walcache-env up --dir $(TEST_ENV)
+	WALCACHE_BROKER_MAINTENANCE_INTERVAL=$(TEST_BROKER_MAINTENANCE) deploy/local/walcache-env up --dir $(TEST_ENV)
 	$(CARGO) build --workspace --bins --tests
 	status=0; WALCACHE_TEST_ENV_DIR=$(CURDIR)/$(TEST_ENV) $(CARGO) test --workspace --no-fail-fast || status=$$?; \
 	  deploy/local/walcache-env destroy --dir $(TEST_ENV); exit $$status

@@ -66,6 +66,7 @@ pub fn load_env(repo: &Path, dir: &Path, command: &str) -> Env {
     let status = Command::new(repo.join("deploy/local/walcache-env"))
         .args([command, "--dir"])
         .arg(dir)
+        .env(BROKER_MAINTENANCE_VAR, test_broker_maintenance())
         .status()
         .expect("deploy/local/walcache-env runs");
     assert!(status.success(), "walcache-env {command} failed; see the logs under {}", dir.display());
@@ -83,6 +84,14 @@ pub fn load_env(repo: &Path, dir: &Path, command: &str) -> Env {
         pg_ca: var("WALCACHE_LOCAL_PG_CA").map(PathBuf::from).expect("the local cluster's CA"),
         kafka: var("WALCACHE_LOCAL_KAFKA").unwrap_or_default(),
     }
+}
+
+const BROKER_MAINTENANCE_VAR: &str = "WALCACHE_BROKER_MAINTENANCE_INTERVAL";
+
+/// How often a test broker compacts: practically never (the Makefile says the same), so that
+/// a topic read back holds every event the producer wrote. A broker restart still compacts.
+pub fn test_broker_maintenance() -> String {
+    std::env::var(BROKER_MAINTENANCE_VAR).unwrap_or_else(|_| "30days".into())
 }
 
 /// The workspace root (this crate lives in `tests/`).
