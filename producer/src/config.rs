@@ -169,6 +169,10 @@ pub struct PipelineConfig {
     /// How often slot lag is measured.
     #[serde(with = "humantime_serde")]
     pub lag_interval: Duration,
+    /// Least time between two checks that the publication still publishes every operation of
+    /// every table; a position is confirmed and marked complete only after such a check.
+    #[serde(with = "humantime_serde")]
+    pub publication_check_interval: Duration,
 }
 
 impl Default for PipelineConfig {
@@ -180,6 +184,7 @@ impl Default for PipelineConfig {
             status_interval: Duration::from_millis(500),
             shutdown_timeout: Duration::from_secs(30),
             lag_interval: Duration::from_secs(5),
+            publication_check_interval: Duration::from_millis(10),
         }
     }
 }
@@ -285,6 +290,7 @@ impl ProducerConfig {
             ("pipeline.status_interval", p.status_interval, Duration::from_millis(10)),
             ("pipeline.shutdown_timeout", p.shutdown_timeout, Duration::from_secs(1)),
             ("pipeline.lag_interval", p.lag_interval, Duration::from_millis(100)),
+            ("pipeline.publication_check_interval", p.publication_check_interval, Duration::from_millis(1)),
             ("kafka.request_timeout", self.kafka.request_timeout, Duration::from_millis(100)),
         ] {
             if value < at_least {
@@ -459,7 +465,14 @@ mod tests {
 
     #[test]
     fn zero_durations_are_refused_with_the_key_named() {
-        for key in ["watermark_interval", "heartbeat_interval", "status_interval", "shutdown_timeout", "lag_interval"] {
+        for key in [
+            "watermark_interval",
+            "heartbeat_interval",
+            "status_interval",
+            "shutdown_timeout",
+            "lag_interval",
+            "publication_check_interval",
+        ] {
             let cfg = toml_config(&format!(
                 "[postgres]\nurl='postgres://u@h/d'\n[kafka]\nbootstrap_servers='k:1'\n[pipeline]\n{key} = '0s'\n\
                  [[tables]]\ntable='public.t'\ncontract='courier_performance'"

@@ -12,6 +12,7 @@
 //! - [`pgoutput`], [`binding`]: decoding the stream and applying the contract.
 //! - [`snapshot`], [`state`]: the initial snapshot and what a restart resumes from.
 //! - [`reselect`]: unchanged TOAST values re-read by key, only when exact.
+//! - [`publication`]: nothing is vouched for past a change of the publication.
 //! - [`postgres`], [`check`]: the control plane and prerequisite checks; [`tls`]: sslmode.
 
 pub mod binding;
@@ -23,6 +24,7 @@ pub mod metrics;
 pub mod pgoutput;
 pub mod pipeline;
 pub mod postgres;
+pub mod publication;
 pub mod reselect;
 pub mod sink;
 pub mod snapshot;

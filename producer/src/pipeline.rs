@@ -29,6 +29,7 @@ use crate::events::Emitter;
 use crate::metrics::Metrics;
 use crate::pgoutput::{self, Change, OldTuple, Tuples};
 use crate::postgres::{Control, HEARTBEAT_PREFIX, parse_lsn, quote_ident};
+use crate::publication::{self, PublicationGuard, Verified};
 use crate::sink::{Checkpoint, CheckpointKind, Sink};
 use crate::{check, reselect, snapshot, state};
 
@@ -363,6 +364,13 @@ impl Producer {
             unpublished: None,
             last_watermark: Instant::now(),
             confirmed: None,
+            held: None,
+            guard: PublicationGuard::start(
+                control.clone(),
+                &self.config.postgres.publication,
+                self.tables.iter().map(|t| t.spec.clone()).collect(),
+                self.config.pipeline.publication_check_interval,
+            ),
         };
         let result = stream.run(&mut client, control, &mut sink, &mut emitter, cancel).await;
         let result = match result {
@@ -509,6 +517,9 @@ struct Stream<'p> {
     last_watermark: Instant,
     /// The newest checkpoint confirmed to the slot.
     confirmed: Option<Checkpoint>,
+    /// The newest acknowledged checkpoint waiting for a publication check to cover it.
+    held: Option<Checkpoint>,
+    guard: PublicationGuard,
 }
 
 fn to_unix_micros(pg_micros: i64) -> i64 {
@@ -528,7 +539,7 @@ impl Stream<'_> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Some(cp) = sink.take_completed() {
-                self.confirmable(client, sink, cp).await?;
+                self.confirmable(cp);
             }
             tokio::select! {
                 _ = cancel.cancelled() => return Ok(()),
@@ -545,6 +556,7 @@ impl Stream<'_> {
                     Err(e) => return Err(ProducerError::repl("receiving changes", e)),
                 },
                 _ = ticker.tick() => self.publish_pending(sink).await?,
+                verified = self.guard.changed() => self.on_verified(verified, client, sink).await?,
             }
         }
     }
@@ -744,7 +756,35 @@ impl Stream<'_> {
     }
 
     /// A checkpoint whose every earlier message is in Kafka: confirm it to the slot.
-    async fn confirmable(
+    /// An acknowledged checkpoint: held until a publication check covers it.
+    fn confirmable(&mut self, cp: Checkpoint) {
+        self.held = Some(cp);
+        self.guard.request(cp.lsn);
+    }
+
+    async fn on_verified(
+        &mut self,
+        verified: Verified,
+        client: &ReplicationClient,
+        sink: &mut Sink,
+    ) -> Result<(), ProducerError> {
+        match verified {
+            Verified::Upto(lsn) => match self.held {
+                Some(cp) if cp.lsn <= lsn => {
+                    self.held = None;
+                    self.confirm(client, sink, cp).await
+                }
+                _ => Ok(()),
+            },
+            Verified::Broken(problem) => {
+                let vouched = self.confirmed.map_or(Lsn::ZERO, |c| c.lsn);
+                Err(publication::broken(&problem, &self.producer.config.postgres.slot, vouched))
+            }
+        }
+    }
+
+    /// Confirms a checkpoint the publication check covered: to the slot, then to consumers.
+    async fn confirm(
         &mut self,
         client: &ReplicationClient,
         sink: &mut Sink,
@@ -785,7 +825,11 @@ impl Stream<'_> {
         tracing::info!("draining: flushing in-flight messages to Kafka");
         sink.flush(deadline).await?;
         if let Some(cp) = sink.take_completed() {
-            self.confirmable(client, sink, cp).await?;
+            self.confirmable(cp);
+        }
+        if let Some(cp) = self.held {
+            let verified = self.guard.verify_now(cp.lsn).await?;
+            self.on_verified(verified, client, sink).await?;
         }
         self.publish_pending(sink).await?;
         if let Some(cp) = self.confirmed {

@@ -252,17 +252,19 @@ where
     type TlsConnect = RustlsConnect;
     type Error = std::io::Error;
 
+    // Called for every connection, sslmode=disable included (tokio-postgres then never asks
+    // for the handshake), so it must not fail for want of a TLS configuration.
     fn make_tls_connect(&mut self, domain: &str) -> Result<RustlsConnect, std::io::Error> {
-        let config = self.config.clone().ok_or_else(|| std::io::Error::other("sslmode=disable"))?;
         let name = ServerName::try_from(domain.to_string())
             .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
-        Ok(RustlsConnect { config, name })
+        Ok(RustlsConnect { config: self.config.clone(), name })
     }
 }
 
 #[derive(Debug)]
 pub struct RustlsConnect {
-    config: Arc<ClientConfig>,
+    /// `None` under sslmode=disable.
+    config: Option<Arc<ClientConfig>>,
     name: ServerName<'static>,
 }
 
@@ -276,7 +278,8 @@ where
 
     fn connect(self, stream: S) -> Self::Future {
         Box::pin(async move {
-            let connector = tokio_rustls::TlsConnector::from(self.config);
+            let config = self.config.ok_or_else(|| std::io::Error::other("TLS requested under sslmode=disable"))?;
+            let connector = tokio_rustls::TlsConnector::from(config);
             connector.connect(self.name, stream).await.map(|s| RustlsStream(Box::new(s)))
         })
     }

@@ -308,6 +308,43 @@ async fn a_publication_that_leaves_out_deletes_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publication_changed_while_streaming_stops_the_producer_before_it_vouches_for_filtered_changes() {
+    let (p, producer) = Pipeline::streaming(20).await;
+    let pg = p.db.client().await;
+    pg.batch_execute("UPDATE courier_performance SET deliveries = 1 WHERE courier_id = 1").await.expect("before");
+    wait_for("the change before to be confirmed", Duration::from_secs(30), || async {
+        let on_topic = topic_events(&p).await.iter().any(|e| e.after.as_ref().is_some_and(|a| a["deliveries"] == 1));
+        on_topic.then_some(())
+    })
+    .await;
+    // An operator narrows the publication; Postgres now filters deletes out of the stream.
+    pg.batch_execute(&format!("ALTER PUBLICATION {} SET (publish = 'insert, update')", p.slot)).await.expect("alter");
+    let before_delete = p.db.current_lsn().await;
+    pg.batch_execute(
+        "DELETE FROM courier_performance WHERE courier_id = 3; \
+         UPDATE courier_performance SET deliveries = 2 WHERE courier_id = 4",
+    )
+    .await
+    .expect("changes after");
+    let error = producer.exited(Duration::from_secs(60)).await.expect_err("stops");
+    let text = error.to_string();
+    assert!(!error.is_transient(), "{text}");
+    assert!(text.contains("no longer publishes deletes") && text.contains("pg_drop_replication_slot"), "{text}");
+    // Neither the slot nor the consumers were told that anything after the change is complete.
+    let confirmed = p.db.slot_confirmed(&p.slot).await.expect("slot");
+    assert!(confirmed <= before_delete, "slot confirmed to {confirmed}, past the filtered delete ({before_delete})");
+    let registry = walcache_schemas::Registry::builtin().expect("registry");
+    let newest_watermark = read_all(&p.kafka, &p.watermarks)
+        .await
+        .iter()
+        .filter_map(|r| walcache_schemas::Watermark::decode(registry, r.value.as_deref()?).ok())
+        .map(|w| w.lsn)
+        .max()
+        .expect("watermarks");
+    assert!(newest_watermark <= before_delete, "a watermark at {newest_watermark} vouches past {before_delete}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_table_added_to_a_streaming_slot_is_not_resumed_silently() {
     let db = TestDb::create().await;
     db.seed(1, 10).await;
@@ -468,6 +505,12 @@ async fn tls_to_postgres_is_verified_and_used_on_every_connection() {
     let text = error.to_string();
     assert!(!error.is_transient(), "{text}");
     assert!(text.contains("TLS") && text.contains("sslrootcert") && text.contains("verify-full"), "{text}");
+
+    // sslmode=disable means plaintext, which the rule refuses.
+    let mut config = p.config();
+    config.postgres.url = Secret::new(url("disable", "127.0.0.1", &db.env.pg_ca));
+    let error = p.start_in_process_with(config).exited(Duration::from_secs(60)).await.expect_err("refused");
+    assert!(format!("{error:?}").contains("no encryption"), "{error:?}");
 
     // The right CA: control, snapshot and replication connections all pass the rule, so the
     // snapshot arrives and a streamed change follows it.
