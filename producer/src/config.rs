@@ -331,7 +331,8 @@ impl ProducerConfig {
             (None, None, Some(p)) => Secret::new(String::from_utf8_lossy(p).into_owned()),
             (None, None, None) => Secret::default(),
         };
-        let url_mode = url_mode.as_deref().map(SslMode::parse).transpose()?;
+        let url_mode =
+            url_mode.as_deref().map(SslMode::parse).transpose().map_err(|e| ProducerError::Config(e.to_string()))?;
         let mode = match (self.postgres.sslmode, url_mode) {
             (Some(a), Some(b)) if a != b => {
                 return Err(ProducerError::Config(format!(
@@ -342,7 +343,7 @@ impl ProducerConfig {
             (None, None) => SslMode::default(),
         };
         let root_cert = self.postgres.sslrootcert.clone().or(url_root.map(PathBuf::from));
-        let tls = PgTls::new(mode, root_cert)?;
+        let tls = PgTls::new(mode, root_cert).map_err(|e| ProducerError::Config(e.to_string()))?;
         Ok(PgConnection { host, port, user, password, database, tls })
     }
 

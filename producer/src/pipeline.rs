@@ -125,7 +125,7 @@ impl Producer {
         // Text output the contract parsers expect, whatever the server's defaults.
         .with_options(PINNED_TEXT_SETTINGS)
         .with_application_name(format!("walcache-producer-{}", self.config.postgres.slot))
-        .with_tls(self.pg.tls.replication(&self.pg.host))
+        .with_tls(crate::tls::replication(&self.pg.tls, &self.pg.host))
     }
 
     async fn session(&self, cancel: &CancellationToken) -> Result<(), ProducerError> {

@@ -94,6 +94,22 @@ pub fn test_broker_maintenance() -> String {
     std::env::var(BROKER_MAINTENANCE_VAR).unwrap_or_else(|_| "30days".into())
 }
 
+/// A CA of its own (self-signed) in `dir`, that signed nothing the server presents.
+pub fn unrelated_ca(dir: &std::path::Path) -> std::path::PathBuf {
+    let pem = dir.join("other-ca.pem");
+    let status = std::process::Command::new("openssl")
+        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=not the server's CA"])
+        .arg("-keyout")
+        .arg(dir.join("other-ca.key"))
+        .arg("-out")
+        .arg(&pem)
+        .stderr(std::process::Stdio::null())
+        .status()
+        .expect("openssl runs (deploy/local/install-tools.sh installs it)");
+    assert!(status.success(), "openssl made no CA");
+    pem
+}
+
 /// The workspace root (this crate lives in `tests/`).
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_path_buf()

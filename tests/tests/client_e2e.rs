@@ -211,15 +211,32 @@ async fn verify_stays_quiet_on_a_healthy_view_and_finds_injected_drift() {
     assert_eq!(report.different.sample, vec![serde_json::json!(22)]);
     assert_eq!(report.missing.sample, vec![serde_json::json!(21)]);
 
-    // The CLI says the same with its exit code.
-    let out = std::process::Command::new(binary("walcache"))
-        .args(["--url", &consumer.base, "verify", "--postgres"])
-        .arg(format!("postgres://postgres:{}@127.0.0.1:{}/{}", db.env.pg_password, db.env.pg_port, db.name))
-        .output()
-        .expect("walcache verify");
+    // The CLI says the same with its exit code, over TLS verified as libpq would.
+    let cli_verify = |ca: &std::path::Path| {
+        std::process::Command::new(binary("walcache"))
+            .args(["--url", &consumer.base, "verify", "--postgres"])
+            .arg(format!(
+                "postgres://postgres:{}@localhost:{}/{}?sslmode=verify-full&sslrootcert={}",
+                db.env.pg_password,
+                db.env.pg_port,
+                db.name,
+                ca.display()
+            ))
+            .output()
+            .expect("walcache verify")
+    };
+    let out = cli_verify(&db.env.pg_ca);
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     assert!(stdout.contains("verdict: DRIFT") && stdout.contains("different: 1  e.g. 22"), "{stdout}");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let out = cli_verify(&walcache_tests::unrelated_ca(scratch.path()));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(5), "{stderr}");
+    assert!(
+        stderr.contains("TLS to Postgres with sslmode=verify-full failed") && stderr.contains("sslrootcert"),
+        "{stderr}"
+    );
     consumer.stop().await;
     producer.stop().await.expect("drain");
 }

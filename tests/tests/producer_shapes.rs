@@ -446,22 +446,6 @@ async fn check_says_what_is_unsafe_about_existing_topics() {
     );
 }
 
-/// A CA of its own (self-signed) in `dir`, that signed nothing the server presents.
-fn unrelated_ca(dir: &std::path::Path) -> std::path::PathBuf {
-    let pem = dir.join("other-ca.pem");
-    let status = std::process::Command::new("openssl")
-        .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=not the server's CA"])
-        .arg("-keyout")
-        .arg(dir.join("other-ca.key"))
-        .arg("-out")
-        .arg(&pem)
-        .stderr(std::process::Stdio::null())
-        .status()
-        .expect("openssl runs (deploy/local/install-tools.sh installs it)");
-    assert!(status.success(), "openssl made no CA");
-    pem
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_postgres_is_verified_and_used_on_every_connection() {
     let db = TestDb::create().await;
@@ -500,7 +484,7 @@ async fn tls_to_postgres_is_verified_and_used_on_every_connection() {
     // what to check, not a retry loop.
     let scratch = tempfile::tempdir().expect("temp dir");
     let mut config = p.config();
-    config.postgres.url = Secret::new(url("verify-full", "localhost", &unrelated_ca(scratch.path())));
+    config.postgres.url = Secret::new(url("verify-full", "localhost", &walcache_tests::unrelated_ca(scratch.path())));
     let error = p.start_in_process_with(config).exited(Duration::from_secs(60)).await.expect_err("refused");
     let text = error.to_string();
     assert!(!error.is_transient(), "{text}");

@@ -211,6 +211,32 @@ fn print_status(s: &Json) {
     }
 }
 
+/// Connects with libpq's TLS parameters (`sslmode`, `sslrootcert`) honoured, as the producer
+/// does.
+async fn connect_postgres(
+    url: &str,
+) -> Result<
+    (
+        tokio_postgres::Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, walcache_pgtls::RustlsStream<tokio_postgres::Socket>>,
+    ),
+    String,
+> {
+    use walcache_pgtls::{PgTls, SslMode, split_tls_params};
+    let (url, mode, root_cert) = split_tls_params(url);
+    let mode = mode.as_deref().map(SslMode::parse).transpose().map_err(|e| e.to_string())?.unwrap_or_default();
+    let tls = PgTls::new(mode, root_cert.map(std::path::PathBuf::from)).map_err(|e| e.to_string())?;
+    let mut config: tokio_postgres::Config =
+        url.parse().map_err(|e| format!("the Postgres URL does not parse: {e}"))?;
+    config.ssl_mode(tls.tokio_ssl_mode());
+    config.connect(tls.connector()).await.map_err(|e| match walcache_pgtls::tls_failure(&e) {
+        Some(chain) => {
+            format!("TLS to Postgres with sslmode={} failed: {chain}\n  {}", mode.as_str(), walcache_pgtls::TLS_FIX)
+        }
+        None => format!("cannot connect to Postgres: {e}"),
+    })
+}
+
 #[allow(clippy::too_many_arguments)]
 async fn run_verify(
     url: &str,
@@ -222,10 +248,10 @@ async fn run_verify(
     sample: usize,
     json: bool,
 ) -> ExitCode {
-    let (mut pg, connection) = match tokio_postgres::connect(postgres, tokio_postgres::NoTls).await {
+    let (mut pg, connection) = match connect_postgres(postgres).await {
         Ok(c) => c,
-        Err(e) => {
-            eprintln!("error: cannot connect to Postgres: {e}\n  check --postgres / WALCACHE_VERIFY_POSTGRES_URL");
+        Err(message) => {
+            eprintln!("error: {message}\n  check --postgres / WALCACHE_VERIFY_POSTGRES_URL");
             return ExitCode::from(EXIT_UNREACHABLE);
         }
     };
