@@ -542,7 +542,9 @@ impl Stream<'_> {
                 self.confirmable(cp);
             }
             tokio::select! {
-                _ = cancel.cancelled() => return Ok(()),
+                // A transaction whose events are partly sent is read to its commit first, so the
+                // drain can confirm it and a restart repeats nothing (shutdown_timeout bounds it).
+                _ = cancel.cancelled(), if self.tx.is_none() => return Ok(()),
                 _ = control.lost.cancelled() => return Err(lost_control()),
                 done = sink.wait_completions(), if sink.has_pending() => { done?; }
                 event = client.recv(), if sink.has_room() => match event {
