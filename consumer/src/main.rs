@@ -24,6 +24,13 @@ enum Command {
     Run,
     /// Print the effective configuration (secrets masked).
     PrintConfig,
+    /// Probe this consumer's own endpoint (`http.listen`) and exit 0 when it answers 200: a
+    /// container health check for images without a shell.
+    Probe {
+        /// `/healthz` (alive) or `/readyz` (restored and not blocked).
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -48,9 +55,17 @@ fn main() -> std::process::ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config: ConsumerConfig = walcache_common::config::load(cli.config.as_deref())?;
-    if let Some(Command::PrintConfig) = cli.command {
-        println!("{}", serde_json::to_string_pretty(&config)?);
-        return Ok(());
+    match cli.command {
+        Some(Command::PrintConfig) => {
+            println!("{}", serde_json::to_string_pretty(&config)?);
+            return Ok(());
+        }
+        Some(Command::Probe { path }) => {
+            return walcache_common::ops::probe(config.http.listen, &path, std::time::Duration::from_secs(5))
+                .await
+                .map_err(|e| anyhow::anyhow!("probe failed: {e}"));
+        }
+        Some(Command::Run) | None => {}
     }
     let metrics = Metrics::new().context("registering metrics")?;
     let cancel = CancellationToken::new();

@@ -125,4 +125,15 @@ impl Metrics {
         r.register(Box::new(m.request_seconds.clone()))?;
         Ok(m)
     }
+
+    /// Starts `table`'s labelled series at zero: dashboards show a zero instead of no data and
+    /// alert rules see a first occurrence as an increase.
+    pub fn init_table(&self, table: &str) {
+        for op in ["snapshot", "insert", "update", "delete", "truncate", "unavailable"] {
+            self.applied.with_label_values(&[table, op]);
+        }
+        for state in ["present", "deleted", "absent", "unknown"] {
+            self.lookups.with_label_values(&[table, state]);
+        }
+    }
 }

@@ -112,6 +112,14 @@ fn schema_code(e: &SchemaError) -> &'static str {
     }
 }
 
+/// Every reason an event is ignored for (`walcache_consumer_ignored_total`), started at zero.
+pub const IGNORED_REASONS: [&str; 5] =
+    ["marker_tombstone", "tombstone_without_position", "below_floor", "not_newer", "older_than_forgotten"];
+
+/// Every reason code a consumer dead letter can carry, so its counter starts each at zero.
+pub const DEAD_LETTER_REASONS: [&str; 7] =
+    ["not_single_object", "unknown_schema", "wrong_schema", "unresolvable", "malformed", "missing_key", "key_mismatch"];
+
 /// The reason code a marker without the `walcache.unavailable` header gets.
 pub const ROW_UNAVAILABLE: &str = "row_unavailable";
 
@@ -176,6 +184,15 @@ impl View {
         let by_name = tables.iter().enumerate().map(|(i, t)| (t.spec.name.clone(), i)).collect();
         let by_topic = tables.iter().enumerate().map(|(i, t)| (t.spec.topic.clone(), i)).collect();
         health.set_not_ready("restoring the view from the topics");
+        for t in &tables {
+            metrics.init_table(&t.spec.name);
+            for reason in IGNORED_REASONS {
+                metrics.ignored.with_label_values(&[&t.spec.name, reason]);
+            }
+        }
+        for reason in DEAD_LETTER_REASONS {
+            metrics.dead_letters.with_label_values(&[reason]);
+        }
         View {
             tables,
             by_name,

@@ -58,6 +58,9 @@ pub enum BindingWarning {
 }
 
 impl BindingWarning {
+    /// Every [`BindingWarning::kind`].
+    pub const KINDS: [&'static str; 3] = ["extra_column", "missing_column", "type_mismatch"];
+
     pub fn kind(&self) -> &'static str {
         match self {
             BindingWarning::ExtraColumn(_) => "extra_column",

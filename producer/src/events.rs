@@ -367,10 +367,13 @@ struct SetAside {
     row: Option<serde_json::Value>,
 }
 
+/// The dead-letter reason code of a change whose event is over the message size limit.
+pub const TOO_LARGE: &str = "too_large";
+
 /// The reason for a change whose event is over the message size limit.
 fn too_large(bytes: usize, limit: usize) -> SetAside {
     SetAside {
-        code: "too_large",
+        code: TOO_LARGE,
         reason: format!(
             "the change's event is {bytes} bytes, over the producer's message.max.bytes ({limit}); its values are \
              left out. Raise kafka.properties.\"message.max.bytes\" with the topics' max.message.bytes to carry such rows"

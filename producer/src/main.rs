@@ -29,6 +29,13 @@ enum Command {
     Check,
     /// Print the effective configuration (secrets masked).
     PrintConfig,
+    /// Probe this producer's own ops endpoint (`ops.listen`) and exit 0 when it answers 200:
+    /// a container health check for images without a shell.
+    Probe {
+        /// `/healthz` (alive), `/readyz` (streaming as the leader) or `/readyz?standby=ok`.
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -58,6 +65,7 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             println!("{}", serde_json::to_string_pretty(&config)?);
             Ok(std::process::ExitCode::SUCCESS)
         }
+        Command::Probe { path } => Ok(probe(config.ops.listen, &path).await),
         Command::Check => {
             let report = check::run_check(&config).await;
             print!("{report}");
@@ -85,6 +93,16 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             let _ = ops_task.await;
             result?;
             Ok(std::process::ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn probe(listen: std::net::SocketAddr, path: &str) -> std::process::ExitCode {
+    match ops::probe(listen, path, std::time::Duration::from_secs(5)).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("probe failed: {e}");
+            std::process::ExitCode::FAILURE
         }
     }
 }

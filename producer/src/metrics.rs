@@ -125,6 +125,30 @@ impl Metrics {
         m.registry.register(Box::new(m.restarts.clone()))?;
         m.registry.register(Box::new(m.leader.clone()))?;
         m.registry.register(Box::new(m.schema_warnings.clone()))?;
+        m.restarts.with_label_values(&["transient"]);
+        for kind in ["snapshotting", "streaming"] {
+            m.watermarks.with_label_values(&[kind]);
+        }
         Ok(m)
+    }
+
+    /// Starts `table`'s labelled series at zero, so dashboards show a zero instead of no data and
+    /// alert rules see a table's first dead letter as an increase.
+    pub fn init_table(&self, table: &str) {
+        for op in ["snapshot", "insert", "update", "delete", "truncate"] {
+            self.events.with_label_values(&[table, op]);
+        }
+        self.bytes.with_label_values(&[table]);
+        for reason in walcache_schemas::Violation::CODES.iter().chain(&[crate::events::TOO_LARGE]) {
+            self.dead_letters.with_label_values(&[table, reason]);
+        }
+        self.unavailable_markers.with_label_values(&[table]);
+        for outcome in crate::reselect::OUTCOMES {
+            self.toast_reselects.with_label_values(&[table, outcome]);
+        }
+        self.snapshot_rows.with_label_values(&[table]);
+        for kind in crate::binding::BindingWarning::KINDS {
+            self.schema_warnings.with_label_values(&[table, kind]);
+        }
     }
 }

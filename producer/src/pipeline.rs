@@ -62,6 +62,9 @@ impl Producer {
                     .ok_or_else(|| ProducerError::Config("contract version vanished".into()))
             })
             .collect::<Result<Vec<_>, _>>()?;
+        for table in &tables {
+            metrics.init_table(&table.qualified);
+        }
         Ok(Producer { config, pg, tables, metrics, health })
     }
 
@@ -139,7 +142,7 @@ impl Producer {
             if !announced {
                 let holder = control.leader_pid(slot).await?;
                 tracing::info!(holder_pid = ?holder, "another producer leads this slot; standing by to take over");
-                self.health.set_not_ready("standby: another producer leads this slot");
+                self.health.set_standing_by("standby: another producer leads this slot");
                 announced = true;
             }
             tokio::select! {
@@ -289,7 +292,7 @@ impl Producer {
 
         if mode == SnapshotMode::Initial {
             let snapshot_name = text(2).ok_or_else(|| ProducerError::Config("the slot exported no snapshot".into()))?;
-            self.health.set_not_ready("initial snapshot in progress");
+            self.health.set_standing_by("initial snapshot in progress");
             let started = Instant::now();
             let mut total = 0;
             // The copy does not use the control connection, so nothing else would notice the
@@ -668,7 +671,7 @@ impl Stream<'_> {
                     let reselects = &self.producer.metrics.toast_reselects;
                     match outcome {
                         Ok(Ok(filled)) => {
-                            reselects.with_label_values(&[&binding.table.qualified, "filled"]).inc();
+                            reselects.with_label_values(&[&binding.table.qualified, reselect::FILLED]).inc();
                             Some(filled)
                         }
                         // Set aside below as an unchanged-TOAST dead letter: consumers hold
@@ -680,7 +683,7 @@ impl Stream<'_> {
                         Err(e) if e.is_transient() => return Err(e),
                         Err(e) => {
                             tracing::warn!(table = %binding.table.qualified, error = %e, "cannot re-read an unchanged TOAST value; the change is set aside");
-                            reselects.with_label_values(&[&binding.table.qualified, "failed"]).inc();
+                            reselects.with_label_values(&[&binding.table.qualified, reselect::FAILED]).inc();
                             None
                         }
                     }

@@ -45,8 +45,15 @@ pub enum NotFilled {
     Superseded,
 }
 
+/// Every outcome label of `walcache_producer_toast_reselects_total`.
+pub const OUTCOMES: [&str; 4] = [FILLED, NotFilled::NoKey.as_str(), NotFilled::Superseded.as_str(), FAILED];
+/// The values were read back exactly as the update's transaction committed them.
+pub const FILLED: &str = "filled";
+/// The re-read failed with a definite error; the change was set aside.
+pub const FAILED: &str = "failed";
+
 impl NotFilled {
-    pub fn as_str(self) -> &'static str {
+    pub const fn as_str(self) -> &'static str {
         match self {
             NotFilled::NoKey => "no_key",
             NotFilled::Superseded => "superseded",

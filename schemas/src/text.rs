@@ -34,6 +34,18 @@ pub enum Violation {
 }
 
 impl Violation {
+    /// Every [`Violation::code`], so metrics can start each at zero (a counter that appears at
+    /// its first increment is invisible to `increase()` in alert rules).
+    pub const CODES: &'static [&'static str] = &[
+        "null_in_required_field",
+        "unparseable",
+        "out_of_range",
+        "bad_enum",
+        "unchanged_toast",
+        "missing_column",
+        "missing_key",
+    ];
+
     /// A stable, low-cardinality code for metrics and the dead-letter record.
     pub fn code(&self) -> &'static str {
         match self {
