@@ -278,11 +278,11 @@ async fn a_standby_producer_passes_the_orchestrators_probe_but_not_plain_readyz(
     assert!(String::from_utf8_lossy(&plain.stderr).contains("standby"), "{}", String::from_utf8_lossy(&plain.stderr));
     let leading = probe(&leader, "/readyz");
     assert!(leading.status.success(), "{}", String::from_utf8_lossy(&leading.stderr));
-    assert_eq!(standby_metric(&standby).await, Some(0.0), "the standby does not claim to lead");
-    assert_eq!(standby_metric(&leader).await, Some(1.0), "the leader says so");
+    assert_eq!(leader_gauge(&standby).await, Some(0.0), "the standby does not claim to lead");
+    assert_eq!(leader_gauge(&leader).await, Some(1.0), "the leader says so");
 }
 
-async fn standby_metric(process: &walcache_tests::ProducerProcess) -> Option<f64> {
+async fn leader_gauge(process: &walcache_tests::ProducerProcess) -> Option<f64> {
     process.metric("walcache_producer_leader").await
 }
 
