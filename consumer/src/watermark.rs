@@ -12,7 +12,8 @@
 //! the tables that producer feeds: a watermark of a producer on another database (sharing the
 //! default watermark topic) never says anything about our tables. Coverage only moves
 //! forward; a watermark written while the producer was still snapshotting does not count
-//! (the topics do not hold the whole table yet).
+//! (the topics do not hold the whole table yet), and a watermark covers only the tables whose
+//! topics it lists (a table added to a running producer is left out until its copy is done).
 
 use std::collections::{HashMap, VecDeque};
 
@@ -93,25 +94,28 @@ impl Tracker {
     /// Advances coverage given each partition's next offset (`None`: not assigned to us).
     /// Returns `(table index, coverage)` for every table whose coverage moved.
     pub fn advance(&mut self, next_offset: impl Fn(&str, i32) -> Option<i64>) -> Vec<(usize, Coverage)> {
-        let mut moved = Vec::new();
+        let mut moved: Vec<(usize, Coverage)> = Vec::new();
         for (name, track) in &mut self.producers {
-            let mut reached_any = false;
             while let Some(front) = track.pending.front() {
                 let reached =
                     front.offsets.iter().all(|o| next_offset(&o.topic, o.partition).is_some_and(|n| n >= o.offset));
                 if !reached {
                     break;
                 }
-                track.covered = Some(Coverage { lsn: front.lsn, commit_ts_micros: front.commit_ts_micros });
-                track.pending.pop_front();
-                reached_any = true;
-            }
-            if let (true, Some(c)) = (reached_any, track.covered) {
-                for (index, feeder) in self.feeder.iter().enumerate() {
-                    if feeder.as_deref() == Some(name.as_str()) {
-                        moved.push((index, c));
+                let coverage = Coverage { lsn: front.lsn, commit_ts_micros: front.commit_ts_micros };
+                track.covered = Some(coverage);
+                // Only the tables this watermark lists: a producer leaves out a table whose
+                // first copy is still running (its topic does not hold the table yet).
+                for (index, topic) in self.topics.iter().enumerate() {
+                    let fed = self.feeder[index].as_deref() == Some(name.as_str());
+                    if fed && front.offsets.iter().any(|o| &o.topic == topic) {
+                        match moved.iter_mut().find(|(i, _)| *i == index) {
+                            Some(entry) => entry.1 = coverage,
+                            None => moved.push((index, coverage)),
+                        }
                     }
                 }
+                track.pending.pop_front();
             }
         }
         moved
@@ -179,5 +183,15 @@ mod tests {
         moved.sort();
         assert_eq!(moved, vec![(0, 10), (1, 5_000)], "each table follows its own producer's LSNs");
         assert_eq!((t.feeder(0), t.feeder(1)), (Some("p"), Some("q")));
+    }
+
+    #[test]
+    fn a_watermark_covers_only_the_tables_it_lists() {
+        let mut t = Tracker::new(None, vec!["a".to_string(), "b".to_string()]);
+        assert!(t.offer(wm(10, ProducerState::Streaming, &[("a", 0, 1), ("b", 0, 1)])));
+        // b's copy runs again (a slot re-created, a table re-added): the producer leaves it out.
+        assert!(t.offer(wm(20, ProducerState::Streaming, &[("a", 0, 2)])));
+        let moved: Vec<(usize, u64)> = t.advance(|_, _| Some(2)).into_iter().map(|(i, c)| (i, c.lsn.0)).collect();
+        assert_eq!(moved, vec![(0, 20), (1, 10)], "b stays at the last watermark that listed it");
     }
 }

@@ -94,6 +94,9 @@ pub struct TopicsConfig {
     pub min_insync_replicas: Option<i32>,
     pub watermarks: String,
     pub dead_letter: String,
+    /// Compacted topic holding each slot's snapshot and backfill progress (key = slot), so a
+    /// restart continues a copy from its last delivered chunk.
+    pub snapshots: String,
 }
 
 impl Default for TopicsConfig {
@@ -105,6 +108,7 @@ impl Default for TopicsConfig {
             min_insync_replicas: None,
             watermarks: "walcache.watermarks".into(),
             dead_letter: "walcache.dlq".into(),
+            snapshots: "walcache.snapshots".into(),
         }
     }
 }
@@ -141,11 +145,22 @@ pub enum SnapshotMode {
     Never,
 }
 
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct SnapshotConfig {
-    #[serde(default)]
     pub mode: SnapshotMode,
+    /// Chunks copied at once, across and within tables (each on its own connection).
+    pub parallelism: usize,
+    /// Rows per chunk: the unit of progress (a restart repeats at most `parallelism` chunks
+    /// per table) and of memory (at most `2 x parallelism` chunks wait for their high
+    /// watermark).
+    pub chunk_rows: usize,
+}
+
+impl Default for SnapshotConfig {
+    fn default() -> Self {
+        SnapshotConfig { mode: SnapshotMode::Initial, parallelism: 2, chunk_rows: 10_000 }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
@@ -278,6 +293,18 @@ impl ProducerConfig {
                 "topics.min_insync_replicas = {min_isr} must be between 1 and topics.replication_factor ({}); \
                  above it no write could ever be acknowledged",
                 self.topics.replication_factor
+            )));
+        }
+        if !(1..=64).contains(&self.snapshot.parallelism) {
+            return Err(ProducerError::Config(format!(
+                "snapshot.parallelism = {} must be between 1 and 64 (each chunk in flight holds a Postgres connection)",
+                self.snapshot.parallelism
+            )));
+        }
+        if !(100..=1_000_000).contains(&self.snapshot.chunk_rows) {
+            return Err(ProducerError::Config(format!(
+                "snapshot.chunk_rows = {} must be between 100 and 1000000",
+                self.snapshot.chunk_rows
             )));
         }
         if self.pipeline.max_in_flight < 1 {

@@ -8,7 +8,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use walcache_common::ops::{self, Health};
 use walcache_common::{shutdown, telemetry};
-use walcache_producer::{Metrics, Producer, ProducerConfig, check};
+use walcache_producer::{Metrics, Producer, ProducerConfig, check, snapshot};
 
 #[derive(Parser)]
 #[command(name = "walcache-producer", version, about = "Postgres logical replication slot -> Kafka change events")]
@@ -29,6 +29,22 @@ enum Command {
     Check,
     /// Print the effective configuration (secrets masked).
     PrintConfig,
+    /// Ask the running producer of this slot to copy a table again (or a key range of it)
+    /// while it streams. The request goes through the WAL, so it waits there if no producer
+    /// runs, and it is taken in exactly once.
+    Backfill {
+        /// `schema.table`, as configured in [[tables]].
+        #[arg(long)]
+        table: String,
+        /// Lowest key to copy (inclusive); one value per key column, in the contract's order.
+        #[arg(long = "from-key", num_args = 1..)]
+        from_key: Option<Vec<String>>,
+        /// Highest key to copy (inclusive); one value per key column.
+        #[arg(long = "to-key", num_args = 1..)]
+        to_key: Option<Vec<String>>,
+    },
+    /// Print the slot's snapshot and backfill jobs: rows copied, estimate, rate, time left.
+    Status,
     /// Probe this producer's own ops endpoint (`ops.listen`) and exit 0 when it answers 200:
     /// a container health check for images without a shell.
     Probe {
@@ -66,6 +82,19 @@ async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
             Ok(std::process::ExitCode::SUCCESS)
         }
         Command::Probe { path } => Ok(probe(config.ops.listen, &path).await),
+        Command::Backfill { table, from_key, to_key } => {
+            let lsn = snapshot::request_backfill(&config, &table, from_key, to_key).await?;
+            println!(
+                "backfill of {table} requested at WAL position {lsn}; the producer of slot {} takes it in when its \
+                 stream reaches it (follow it with `walcache-producer status`)",
+                config.postgres.slot
+            );
+            Ok(std::process::ExitCode::SUCCESS)
+        }
+        Command::Status => {
+            print!("{}", snapshot::status_report(&config).await?);
+            Ok(std::process::ExitCode::SUCCESS)
+        }
         Command::Check => {
             let report = check::run_check(&config).await;
             print!("{report}");

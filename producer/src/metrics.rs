@@ -1,7 +1,9 @@
 //! The producer's Prometheus metrics. Names are constants so dashboards and alerts can refer
 //! to them; labels are low-cardinality (table, op, reason code, kind), never keys or values.
 
-use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{
+    Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 pub const EVENTS_TOTAL: &str = "walcache_producer_events_total";
 pub const BYTES_TOTAL: &str = "walcache_producer_bytes_total";
@@ -16,6 +18,11 @@ pub const UNAVAILABLE_MARKERS_TOTAL: &str = "walcache_producer_unavailable_marke
 pub const TOAST_RESELECTS_TOTAL: &str = "walcache_producer_toast_reselects_total";
 pub const SNAPSHOT_ROWS_TOTAL: &str = "walcache_producer_snapshot_rows_total";
 pub const SNAPSHOT_PROGRESS: &str = "walcache_producer_snapshot_progress_ratio";
+pub const SNAPSHOT_ROWS_ESTIMATED: &str = "walcache_producer_snapshot_rows_estimated";
+pub const SNAPSHOT_ETA_SECONDS: &str = "walcache_producer_snapshot_eta_seconds";
+pub const SNAPSHOT_CHUNKS_TOTAL: &str = "walcache_producer_snapshot_chunks_total";
+pub const SNAPSHOT_ROWS_SUPERSEDED_TOTAL: &str = "walcache_producer_snapshot_rows_superseded_total";
+pub const SNAPSHOT_JOBS: &str = "walcache_producer_snapshot_jobs";
 pub const WATERMARKS_TOTAL: &str = "walcache_producer_watermarks_total";
 pub const RESTARTS_TOTAL: &str = "walcache_producer_session_restarts_total";
 pub const LEADER: &str = "walcache_producer_leader";
@@ -38,6 +45,11 @@ pub struct Metrics {
     pub toast_reselects: IntCounterVec,
     pub snapshot_rows: IntCounterVec,
     pub snapshot_progress: GaugeVec,
+    pub snapshot_estimated: GaugeVec,
+    pub snapshot_eta: GaugeVec,
+    pub snapshot_chunks: IntCounterVec,
+    pub snapshot_superseded: IntCounterVec,
+    pub snapshot_jobs: IntGaugeVec,
     pub watermarks: IntCounterVec,
     pub restarts: IntCounterVec,
     pub leader: IntGauge,
@@ -89,12 +101,41 @@ impl Metrics {
                 &["table", "outcome"],
             )?,
             snapshot_rows: IntCounterVec::new(
-                Opts::new(SNAPSHOT_ROWS_TOTAL, "Rows copied by the initial snapshot"),
+                Opts::new(SNAPSHOT_ROWS_TOTAL, "Rows copied by snapshots and backfills (emitted as op=snapshot)"),
                 &["table"],
             )?,
             snapshot_progress: GaugeVec::new(
-                Opts::new(SNAPSHOT_PROGRESS, "Initial snapshot progress per table, 0 to 1 (estimated from pg_class)"),
+                Opts::new(
+                    SNAPSHOT_PROGRESS,
+                    "Snapshot progress per table, 0 to 1 (rows delivered / pg_class estimate)",
+                ),
                 &["table"],
+            )?,
+            snapshot_estimated: GaugeVec::new(
+                Opts::new(SNAPSHOT_ROWS_ESTIMATED, "Rows the running snapshot of a table expects (pg_class estimate)"),
+                &["table"],
+            )?,
+            snapshot_eta: GaugeVec::new(
+                Opts::new(SNAPSHOT_ETA_SECONDS, "Seconds the running snapshot of a table needs at its current rate"),
+                &["table"],
+            )?,
+            snapshot_chunks: IntCounterVec::new(
+                Opts::new(
+                    SNAPSHOT_CHUNKS_TOTAL,
+                    "Snapshot chunks by outcome: emitted, or copied again (unseen_transaction, unkeyed_change, no_window)",
+                ),
+                &["table", "outcome"],
+            )?,
+            snapshot_superseded: IntCounterVec::new(
+                Opts::new(
+                    SNAPSHOT_ROWS_SUPERSEDED_TOTAL,
+                    "Copied rows not emitted because the stream changed their key while the chunk was copied",
+                ),
+                &["table"],
+            )?,
+            snapshot_jobs: IntGaugeVec::new(
+                Opts::new(SNAPSHOT_JOBS, "Snapshot jobs not finished, by kind (initial, backfill)"),
+                &["kind"],
             )?,
             watermarks: IntCounterVec::new(Opts::new(WATERMARKS_TOTAL, "Watermark records published"), &["kind"])?,
             restarts: IntCounterVec::new(
@@ -121,6 +162,14 @@ impl Metrics {
         m.registry.register(Box::new(m.toast_reselects.clone()))?;
         m.registry.register(Box::new(m.snapshot_rows.clone()))?;
         m.registry.register(Box::new(m.snapshot_progress.clone()))?;
+        m.registry.register(Box::new(m.snapshot_estimated.clone()))?;
+        m.registry.register(Box::new(m.snapshot_eta.clone()))?;
+        m.registry.register(Box::new(m.snapshot_chunks.clone()))?;
+        m.registry.register(Box::new(m.snapshot_superseded.clone()))?;
+        m.registry.register(Box::new(m.snapshot_jobs.clone()))?;
+        for kind in ["initial", "backfill"] {
+            m.snapshot_jobs.with_label_values(&[kind]);
+        }
         m.registry.register(Box::new(m.watermarks.clone()))?;
         m.registry.register(Box::new(m.restarts.clone()))?;
         m.registry.register(Box::new(m.leader.clone()))?;
@@ -147,6 +196,10 @@ impl Metrics {
             self.toast_reselects.with_label_values(&[table, outcome]);
         }
         self.snapshot_rows.with_label_values(&[table]);
+        self.snapshot_superseded.with_label_values(&[table]);
+        for outcome in crate::snapshot::run::CHUNK_OUTCOMES {
+            self.snapshot_chunks.with_label_values(&[table, outcome]);
+        }
         for kind in crate::binding::BindingWarning::KINDS {
             self.schema_warnings.with_label_values(&[table, kind]);
         }

@@ -31,7 +31,10 @@ use crate::pgoutput::{self, Change, OldTuple, Tuples};
 use crate::postgres::{Control, HEARTBEAT_PREFIX, parse_lsn, quote_ident};
 use crate::publication::{self, PublicationGuard, Verified};
 use crate::sink::{Checkpoint, CheckpointKind, Sink};
-use crate::{check, reselect, snapshot, state};
+use crate::snapshot::copier::SNAPSHOT_MESSAGE_PREFIX;
+use crate::snapshot::jobs::{self, JobKind, SnapshotState};
+use crate::snapshot::run::{SIGNAL_PREFIX, Snapshots};
+use crate::{check, reselect, state};
 
 /// A configured producer, ready to run.
 pub struct Producer {
@@ -157,15 +160,14 @@ impl Producer {
         check::require_streaming_prerequisites(&control, &self.pg, &self.config, &self.tables).await?;
         let specs: Vec<_> = self.tables.iter().map(|t| t.spec.clone()).collect();
         let publication = &self.config.postgres.publication;
-        // Read before the publication is extended: a table that joins a slot which already
-        // streams was never part of its snapshot.
-        let not_yet_published = control.tables_missing_from_publication(publication, &specs).await?;
 
         let kafka = &self.config.kafka;
         let metadata = Metadata::new(kafka, &format!("walcache-producer-{slot}"))?;
         ensure_topics(kafka, &metadata, &self.topic_specs()).await?;
         let mut topics: Vec<String> = self.tables.iter().map(|t| t.spec.topic.clone()).collect();
         topics.push(self.config.topics.dead_letter.clone());
+        topics.push(self.config.topics.snapshots.clone());
+        let state_topic = self.tables.len() + 1;
         let mut sink = Sink::new(
             kafka,
             slot,
@@ -175,9 +177,10 @@ impl Producer {
             self.metrics.clone(),
         )?;
         sink.init_offsets(&metadata).await?;
-        let mut emitter = Emitter::new(&self.tables, self.tables.len(), slot, self.metrics.clone());
+        let emitter = Emitter::new(&self.tables, self.tables.len(), slot, self.metrics.clone());
 
         let marker = state::last_watermark(kafka, &metadata, &self.config.topics.watermarks, slot).await?;
+        let recorded = jobs::load(kafka, &metadata, &self.config.topics.snapshots, slot).await?;
         let existing = control.slot_info(slot).await?;
         if let Some(info) = &existing {
             let plugin_ok = info.plugin.as_deref() == Some("pgoutput");
@@ -195,40 +198,55 @@ impl Producer {
                 });
             }
         }
-        let resumable = existing.is_some() && marker.as_ref().is_some_and(|m| m.state == ProducerState::Streaming);
-        if resumable && !not_yet_published.is_empty() {
-            return Err(ProducerError::Prerequisite {
-                problem: format!(
-                    "{} joined the configuration after slot {slot} took its initial snapshot: resuming would stream \
-                     its changes but never copy the rows it already has",
-                    not_yet_published.join(", ")
-                ),
-                fix: format!(
-                    "to copy every table again, stop every producer of this slot and run SELECT pg_drop_replication_slot('{slot}'), \
-                     or give these tables a producer with a slot of their own (postgres.slot)"
-                ),
-            });
-        }
-        control.ensure_publication(publication, &specs).await?;
-        let client = if resumable {
-            tracing::info!(confirmed = ?existing.as_ref().and_then(|s| s.confirmed_flush), "resuming from the slot's confirmed position");
-            let mut client = ReplicationClient::connect(self.replication_config())
-                .await
-                .map_err(|e| ProducerError::repl("connecting for replication", e))?;
-            client.wait_started().await.map_err(|e| ProducerError::repl("starting replication", e))?;
-            client
-        } else {
-            if existing.is_some() {
-                tracing::warn!(
-                    "the slot exists but its initial snapshot never completed; dropping the slot and starting over"
-                );
-                control.drop_slot(slot).await?;
-            } else if marker.is_some() {
-                tracing::warn!("the slot is gone (dropped?); creating a new one, which needs a new initial snapshot");
+        let names: Vec<String> = self.tables.iter().map(|t| t.qualified.clone()).collect();
+        let copy = self.config.snapshot.mode == SnapshotMode::Initial;
+        let now = now_micros();
+        let (client, state) = match &existing {
+            Some(info) => {
+                let mut state = match recorded {
+                    Some(state) => state,
+                    // Written by a version that snapshotted inside the slot's exported snapshot
+                    // and streamed only once it was complete.
+                    None if marker.as_ref().is_some_and(|m| m.state == ProducerState::Streaming) => {
+                        SnapshotState::all_complete(&names)
+                    }
+                    None => {
+                        tracing::warn!(
+                            "the slot's initial snapshot never completed; copying every table while streaming"
+                        );
+                        SnapshotState::for_new_slot(&names, copy, now)
+                    }
+                };
+                let added = state.reconcile(&names, copy, now);
+                control.ensure_publication(publication, &specs).await?;
+                if !added.is_empty() {
+                    tracing::info!(tables = ?added, "tables joined the configuration: they are copied while the others stream");
+                    control.wait_for_transactions_in_progress(cancel).await?;
+                }
+                // Rows older than the slot's confirmed position that a first copy does not
+                // write again are gone: every later change streams.
+                let floor = info.confirmed_flush.map_or(0, |l| l.0);
+                for job in state.jobs.iter_mut().filter(|j| j.floor_lsn.is_none() && j.kind == JobKind::Initial) {
+                    job.floor_lsn = Some(floor);
+                }
+                tracing::info!(confirmed = ?info.confirmed_flush, "resuming from the slot's confirmed position");
+                let mut client = ReplicationClient::connect(self.replication_config())
+                    .await
+                    .map_err(|e| ProducerError::repl("connecting for replication", e))?;
+                client.wait_started().await.map_err(|e| ProducerError::repl("starting replication", e))?;
+                (client, state)
             }
-            self.create_slot_and_snapshot(&control, &mut sink, &mut emitter, cancel).await?
+            None => {
+                if marker.is_some() {
+                    tracing::warn!(
+                        "the slot is gone (dropped?); creating a new one, which needs a new initial snapshot"
+                    );
+                }
+                control.ensure_publication(publication, &specs).await?;
+                self.create_slot(&mut sink, state_topic, SnapshotState::for_new_slot(&names, copy, now)).await?
+            }
         };
-        self.stream(client, &control, sink, emitter, cancel).await
+        self.stream(client, &control, sink, emitter, state, state_topic, cancel).await
     }
 
     fn topic_specs(&self) -> Vec<TopicSpec> {
@@ -251,6 +269,12 @@ impl Producer {
             configs: vec![("cleanup.policy".into(), "compact".into()), min_isr.clone()],
         });
         specs.push(TopicSpec {
+            name: t.snapshots.clone(),
+            partitions: 1,
+            replication_factor: t.replication_factor,
+            configs: vec![("cleanup.policy".into(), "compact".into()), min_isr.clone()],
+        });
+        specs.push(TopicSpec {
             name: t.dead_letter.clone(),
             partitions: 1,
             replication_factor: t.replication_factor,
@@ -259,94 +283,54 @@ impl Producer {
         specs
     }
 
-    /// Creates the slot (with an exported snapshot), copies the tables inside that snapshot,
-    /// records completion, then starts streaming on the same replication session.
-    async fn create_slot_and_snapshot(
+    /// Creates the slot and starts streaming from its consistent point; the tables are copied
+    /// while it streams. The state record (every table to copy) and a `snapshotting` watermark
+    /// are in Kafka before the slot exists, so a crash at any point leaves a slot whose state
+    /// says what is still to copy.
+    async fn create_slot(
         &self,
-        control: &Control,
         sink: &mut Sink,
-        emitter: &mut Emitter,
-        cancel: &CancellationToken,
-    ) -> Result<ReplicationClient, ProducerError> {
+        state_topic: usize,
+        mut state: SnapshotState,
+    ) -> Result<(ReplicationClient, SnapshotState), ProducerError> {
         let slot = &self.config.postgres.slot;
-        let mode = self.config.snapshot.mode;
-        // Recorded before the slot exists: a crash after creating it leaves "snapshotting",
-        // so the next run knows the slot's snapshot is incomplete.
+        let tag = crate::sink::DeliveryTag { events: None, bytes: None };
+        sink.send(state_topic, slot.as_bytes(), Some(&state.encode()), tag).await?;
+        sink.flush(tokio::time::Instant::now() + self.config.kafka.request_timeout * 3).await?;
         let start = Checkpoint { lsn: Lsn::ZERO, commit_ts_micros: now_micros(), kind: CheckpointKind::Snapshot };
         sink.publish_watermark(&sink.watermark(&start, ProducerState::Snapshotting), true).await?;
+        sink.take_completed();
 
         let mut client = ReplicationClient::connect_gated(self.replication_config())
             .await
             .map_err(|e| ProducerError::repl("connecting for replication", e))?;
-        let export = if mode == SnapshotMode::Initial { "EXPORT_SNAPSHOT" } else { "NOEXPORT_SNAPSHOT" };
         let rows = client
-            .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput {export}", quote_ident(slot)))
+            .simple_query(&format!("CREATE_REPLICATION_SLOT {} LOGICAL pgoutput NOEXPORT_SNAPSHOT", quote_ident(slot)))
             .await
             .map_err(|e| ProducerError::repl(format!("creating slot {slot}"), e))?;
         let row =
             rows.first().ok_or_else(|| ProducerError::Config("CREATE_REPLICATION_SLOT returned no row".into()))?;
-        let text = |i: usize| row.get(i).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned());
-        let consistent_point = parse_lsn(&text(1).unwrap_or_default())?;
-        let snapshot_ts = now_micros();
-        tracing::info!(%consistent_point, "created the replication slot");
-
-        if mode == SnapshotMode::Initial {
-            let snapshot_name = text(2).ok_or_else(|| ProducerError::Config("the slot exported no snapshot".into()))?;
-            self.health.set_standing_by("initial snapshot in progress");
-            let started = Instant::now();
-            let mut total = 0;
-            // The copy does not use the control connection, so nothing else would notice the
-            // lock going with it (a terminated backend, an idle_session_timeout): a standby
-            // could then snapshot the same slot beside this one.
-            let copy_stop = cancel.child_token();
-            let leadership = LeadershipWatch::start(control, slot, copy_stop.clone());
-            for table in &self.tables {
-                // The snapshot replaces the table: rows older than its consistent point that
-                // it does not copy again (deleted while no producer ran) must not survive.
-                let mut position = Position {
-                    lsn: consistent_point,
-                    index: 0,
-                    txid: 0,
-                    commit_ts_micros: snapshot_ts,
-                    snapshot: true,
-                };
-                emitter.truncate(sink, table, &mut position).await?;
-                let copied = snapshot::copy_table(
-                    &self.pg,
-                    &snapshot_name,
-                    table,
-                    position,
-                    sink,
-                    emitter,
-                    &self.metrics,
-                    &copy_stop,
-                )
-                .instrument(tracing::info_span!("snapshot", table = %table.qualified))
-                .await;
-                let copied = leadership.check(copied)?;
-                total += copied.rows;
-            }
-            leadership.check(sink.flush(tokio::time::Instant::now() + Duration::from_secs(3600)).await)?;
-            tracing::info!(rows = total, secs = started.elapsed().as_secs_f64(), "initial snapshot delivered");
+        let consistent_point =
+            row.get(1).and_then(|v| v.as_ref()).map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+        let consistent_point = parse_lsn(&consistent_point)?;
+        tracing::info!(%consistent_point, tables = state.jobs.len(), "created the replication slot; tables are copied while it streams");
+        for job in &mut state.jobs {
+            job.floor_lsn = Some(consistent_point.0);
         }
-        // The marker says this slot's snapshot is complete: only its leader may write it.
-        if !control.holds_leader_lock(slot).await? {
-            return Err(lost_leadership());
-        }
-        let done = Checkpoint { lsn: consistent_point, commit_ts_micros: snapshot_ts, kind: CheckpointKind::Snapshot };
-        sink.take_completed();
-        sink.publish_watermark(&sink.watermark(&done, ProducerState::Streaming), true).await?;
         client.start().await.map_err(|e| ProducerError::repl("starting replication", e))?;
         client.wait_started().await.map_err(|e| ProducerError::repl("starting replication", e))?;
-        Ok(client)
+        Ok((client, state))
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn stream(
         &self,
         mut client: ReplicationClient,
         control: &Control,
         mut sink: Sink,
         mut emitter: Emitter,
+        state: SnapshotState,
+        state_topic: usize,
         cancel: &CancellationToken,
     ) -> Result<(), ProducerError> {
         let tasks = TaskTracker::new();
@@ -355,9 +339,26 @@ impl Producer {
             background_chores(control.clone(), self.config.clone(), self.metrics.clone(), background.clone())
                 .instrument(tracing::info_span!("chores")),
         );
-        self.health.set_ready();
+        let mut snapshots = Snapshots::new(
+            state,
+            self.tables.clone(),
+            &self.pg,
+            &self.config.postgres.slot,
+            state_topic,
+            self.config.snapshot.parallelism,
+            self.config.snapshot.chunk_rows,
+            self.metrics.clone(),
+            background.child_token(),
+        );
+        snapshots.start(&mut sink, &mut emitter).await?;
+        if snapshots.creating() {
+            self.health.set_standing_by("initial snapshot in progress");
+        } else {
+            self.health.set_ready();
+        }
         tracing::info!("streaming changes");
         let mut stream = Stream {
+            snapshots,
             producer: self,
             bindings: HashMap::new(),
             unrouted: HashMap::new(),
@@ -376,6 +377,7 @@ impl Producer {
             ),
         };
         let result = stream.run(&mut client, control, &mut sink, &mut emitter, cancel).await;
+        stream.snapshots.stop().await;
         let result = match result {
             Ok(()) => stream.drain(&mut client, control, &mut sink).await,
             Err(e) => Err(e),
@@ -412,68 +414,6 @@ fn lost_control() -> ProducerError {
     })
 }
 
-fn lost_leadership() -> ProducerError {
-    ProducerError::Common(walcache_common::CommonError::Io {
-        context: "this producer no longer holds the slot's leader lock (its control connection was terminated or \
-                  timed out); another instance may lead now, so this one stopped and stands by"
-            .into(),
-        source: std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "leader lock lost"),
-    })
-}
-
-/// How often the snapshot confirms that its producer still leads the slot.
-const LEADERSHIP_CHECK_INTERVAL: Duration = Duration::from_secs(2);
-
-/// Watches the leader lock while a snapshot copies: when the control connection ends or the
-/// lock is no longer held, it stops the copy, and [`LeadershipWatch::check`] turns the
-/// copy's outcome into "leadership lost".
-struct LeadershipWatch {
-    lost: CancellationToken,
-    _stop_watching: tokio_util::sync::DropGuard,
-}
-
-impl LeadershipWatch {
-    fn start(control: &Control, slot: &str, copy_stop: CancellationToken) -> Self {
-        let (control, slot) = (control.clone(), slot.to_string());
-        let lost = CancellationToken::new();
-        let done = CancellationToken::new();
-        let (lost_signal, finished) = (lost.clone(), done.clone());
-        tokio::spawn(
-            async move {
-                let mut tick = tokio::time::interval(LEADERSHIP_CHECK_INTERVAL);
-                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-                let still_leader = loop {
-                    tokio::select! {
-                        _ = finished.cancelled() => return,
-                        _ = control.lost.cancelled() => break false,
-                        _ = tick.tick() => match control.holds_leader_lock(&slot).await {
-                            Ok(true) => {}
-                            Ok(false) => break false,
-                            // The connection is failing: the lock may already be gone.
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot confirm the leader lock");
-                                break false;
-                            }
-                        },
-                    }
-                };
-                if !still_leader {
-                    tracing::warn!("lost the leader lock during the snapshot; stopping the snapshot");
-                    lost_signal.cancel();
-                    copy_stop.cancel();
-                }
-            }
-            .instrument(tracing::info_span!("leadership")),
-        );
-        LeadershipWatch { lost, _stop_watching: done.drop_guard() }
-    }
-
-    /// The copy's outcome, unless leadership was lost meanwhile (whatever the copy says then).
-    fn check<T>(&self, outcome: Result<T, ProducerError>) -> Result<T, ProducerError> {
-        if self.lost.is_cancelled() { Err(lost_leadership()) } else { outcome }
-    }
-}
-
 /// Heartbeats through the WAL and slot-lag measurement, beside the stream.
 async fn background_chores(control: Control, config: ProducerConfig, metrics: Metrics, cancel: CancellationToken) {
     let slot = config.postgres.slot.clone();
@@ -498,6 +438,30 @@ async fn background_chores(control: Control, config: ProducerConfig, metrics: Me
     }
 }
 
+/// Tells open snapshot windows which keys a streamed change touched (both keys of an update
+/// that moves its key; `None` when a key cannot be read).
+fn track_keys(snapshots: &mut Snapshots, binding: &Binding, data: &[u8], change: &Change, t: &Tuples) {
+    let table = binding.table.index;
+    let mut key = Vec::with_capacity(32);
+    let mut touch = |columns: &[pgoutput::ColumnRef], snapshots: &mut Snapshots| match binding
+        .encode_key(data, columns, &mut key)
+    {
+        Ok(()) => snapshots.touched(table, Some(&key)),
+        Err(_) => snapshots.touched(table, None),
+    };
+    match change {
+        Change::Insert { .. } => touch(&t.new, snapshots),
+        Change::Update { old_kind, .. } => {
+            touch(&t.new, snapshots);
+            if old_kind.is_some() {
+                touch(&t.old, snapshots);
+            }
+        }
+        Change::Delete { .. } => touch(&t.old, snapshots),
+        Change::Relation(_) | Change::Truncate { .. } | Change::Ignored(_) => {}
+    }
+}
+
 /// A relation the stream described that maps to no configured table.
 struct Unrouted {
     /// Its name now.
@@ -509,6 +473,7 @@ struct Unrouted {
 /// State of the streaming loop.
 struct Stream<'p> {
     producer: &'p Producer,
+    snapshots: Snapshots,
     bindings: HashMap<u32, Binding>,
     unrouted: HashMap<u32, Unrouted>,
     tuples: Tuples,
@@ -542,7 +507,7 @@ impl Stream<'_> {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if let Some(cp) = sink.take_completed() {
-                self.confirmable(cp);
+                self.confirmable(cp, sink).await?;
             }
             tokio::select! {
                 // A transaction whose events are partly sent is read to its commit first, so the
@@ -562,6 +527,7 @@ impl Stream<'_> {
                 },
                 _ = ticker.tick() => self.publish_pending(sink).await?,
                 verified = self.guard.changed() => self.on_verified(verified, client, sink).await?,
+                Some(message) = self.snapshots.next_message() => self.snapshots.keep(message)?,
             }
         }
     }
@@ -575,6 +541,7 @@ impl Stream<'_> {
     ) -> Result<(), ProducerError> {
         match event {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                self.snapshots.begin(xid);
                 self.tx = Some(Position {
                     lsn: Lsn(final_lsn.as_u64()),
                     index: 0,
@@ -607,11 +574,12 @@ impl Stream<'_> {
                     });
                 }
             }
-            ReplicationEvent::Message { prefix, .. } => {
-                if prefix != HEARTBEAT_PREFIX {
-                    tracing::trace!(%prefix, "ignoring a logical message");
-                }
-            }
+            ReplicationEvent::Message { prefix, content, lsn, .. } => match prefix.as_str() {
+                HEARTBEAT_PREFIX => {}
+                SNAPSHOT_MESSAGE_PREFIX => self.snapshots.on_mark(&content, self.tx, sink, emitter).await?,
+                SIGNAL_PREFIX => self.snapshots.on_signal(&content, Lsn(lsn.as_u64()), sink).await?,
+                _ => tracing::trace!(%prefix, "ignoring a logical message"),
+            },
             ReplicationEvent::StoppedAt { .. } => {}
         }
         Ok(())
@@ -640,6 +608,7 @@ impl Stream<'_> {
                 }
                 for oid in relations {
                     if let Some(b) = self.bindings.get(oid) {
+                        self.snapshots.touched(b.table.index, None);
                         tracing::warn!(table = %b.table.qualified, lsn = %position.lsn, "table truncated; consumers drop its older rows");
                         emitter.truncate(sink, &b.table, &mut position).await?;
                     }
@@ -654,6 +623,9 @@ impl Stream<'_> {
         };
         let mut position = self.open_tx()?;
         let t = &self.tuples;
+        if self.snapshots.tracking(binding.table.index) {
+            track_keys(&mut self.snapshots, binding, data, &change, t);
+        }
         match change {
             Change::Insert { .. } => {
                 emitter.upsert(sink, binding, Op::Insert, data, &t.new, None, &mut position).await?;
@@ -760,11 +732,17 @@ impl Stream<'_> {
         self.bindings.insert(oid, binding);
     }
 
-    /// A checkpoint whose every earlier message is in Kafka: confirm it to the slot.
-    /// An acknowledged checkpoint: held until a publication check covers it.
-    fn confirmable(&mut self, cp: Checkpoint) {
+    /// A checkpoint whose every earlier message is in Kafka: snapshot chunks before it are
+    /// delivered; it is held until a publication check covers it, then confirmed to the slot.
+    async fn confirmable(&mut self, cp: Checkpoint, sink: &mut Sink) -> Result<(), ProducerError> {
+        let was_creating = self.snapshots.creating();
+        self.snapshots.delivered(cp.lsn, sink).await?;
+        if was_creating && !self.snapshots.creating() {
+            self.producer.health.set_ready();
+        }
         self.held = Some(cp);
         self.guard.request(cp.lsn);
+        Ok(())
     }
 
     async fn on_verified(
@@ -812,7 +790,7 @@ impl Stream<'_> {
 
     async fn publish_pending(&mut self, sink: &mut Sink) -> Result<(), ProducerError> {
         if let Some(cp) = self.unpublished.take() {
-            sink.publish_watermark(&sink.watermark(&cp, ProducerState::Streaming), false).await?;
+            sink.publish_watermark(&sink.watermark(&cp, self.snapshots.watermark_state()), false).await?;
             self.last_watermark = Instant::now();
         }
         Ok(())
@@ -830,7 +808,7 @@ impl Stream<'_> {
         tracing::info!("draining: flushing in-flight messages to Kafka");
         sink.flush(deadline).await?;
         if let Some(cp) = sink.take_completed() {
-            self.confirmable(cp);
+            self.confirmable(cp, sink).await?;
         }
         if let Some(cp) = self.held {
             let verified = self.guard.verify_now(cp.lsn).await?;

@@ -245,6 +245,47 @@ impl Control {
         Ok(false)
     }
 
+    /// Waits until every transaction in progress now has ended (as `CREATE INDEX
+    /// CONCURRENTLY` does). After a table joins the publication, a transaction that wrote
+    /// it before the change but becomes visible only after it would be neither streamed nor
+    /// seen by the table's first chunk.
+    pub async fn wait_for_transactions_in_progress(&self, cancel: &CancellationToken) -> Result<(), ProducerError> {
+        let snapshot: String = self
+            .client
+            .query_one("SELECT pg_current_snapshot()::text", &[])
+            .await
+            .map_err(|e| ProducerError::pg("reading the current snapshot", e))?
+            .get(0);
+        let mut waited = 0u32;
+        loop {
+            let running: i64 = self
+                .client
+                .query_one(
+                    "SELECT count(*) FROM pg_snapshot_xip($1::text::pg_snapshot) x \
+                     WHERE NOT pg_visible_in_snapshot(x, pg_current_snapshot())",
+                    &[&snapshot],
+                )
+                .await
+                .map_err(|e| ProducerError::pg("waiting for transactions in progress", e))?
+                .get(0);
+            if running == 0 {
+                return Ok(());
+            }
+            if waited.is_multiple_of(50) {
+                tracing::info!(
+                    transactions = running,
+                    "waiting for transactions older than the publication change to end before copying new tables \
+                     (see pg_stat_activity for long-running ones)"
+                );
+            }
+            waited += 1;
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(()),
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            }
+        }
+    }
+
     /// Writes a heartbeat through the WAL: a transactional logical message, so it reaches the
     /// slot as a (tiny) transaction with a commit time even when no table changes.
     pub async fn emit_heartbeat(&self, slot: &str) -> Result<(), ProducerError> {

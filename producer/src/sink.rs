@@ -96,6 +96,8 @@ pub struct Sink {
     producer_name: String,
     max_message_bytes: usize,
     metrics: Metrics,
+    /// Topics left out of watermarks: tables whose first copy is not complete (no coverage).
+    unvouched: std::collections::BTreeSet<TopicId>,
 }
 
 /// librdkafka's default `message.max.bytes`.
@@ -164,6 +166,7 @@ impl Sink {
             producer_name: producer_name.to_string(),
             max_message_bytes,
             metrics,
+            unvouched: Default::default(),
         })
     }
 
@@ -389,6 +392,7 @@ impl Sink {
             offsets: self
                 .offsets
                 .iter()
+                .filter(|((topic, _), _)| !self.unvouched.contains(topic))
                 .map(|(&(topic, partition), &offset)| PartitionOffset {
                     topic: self.topics[topic].clone(),
                     partition,
@@ -396,6 +400,11 @@ impl Sink {
                 })
                 .collect(),
         }
+    }
+
+    /// Leaves these topics out of watermarks from now on (their tables' first copy runs).
+    pub fn set_unvouched(&mut self, topics: impl IntoIterator<Item = TopicId>) {
+        self.unvouched = topics.into_iter().collect();
     }
 
     /// Publishes a watermark record. With `wait`, returns only once Kafka has it (used for the

@@ -23,9 +23,13 @@ pub struct Pipeline {
     pub topic: String,
     pub watermarks: String,
     pub dead_letter: String,
+    /// The snapshot state topic.
+    pub snapshots: String,
     /// Extra TOML appended to the generated configuration.
     pub extra_toml: String,
     pub partitions: i32,
+    /// `pipeline.max_in_flight`.
+    pub max_in_flight: usize,
 }
 
 impl Pipeline {
@@ -57,11 +61,41 @@ impl Pipeline {
             topic: format!("{prefix}.public.courier_performance"),
             watermarks: format!("{prefix}.watermarks"),
             dead_letter: format!("{prefix}.dlq"),
+            snapshots: format!("{prefix}.snapshots"),
             slot,
             prefix,
             extra_toml: String::new(),
             partitions: 3,
+            max_in_flight: 20_000,
         }
+    }
+
+    /// Waits until `topic`, folded by position, equals `table` read through Postgres; returns
+    /// the topic's events.
+    pub async fn converge_table(&self, topic: &str, table: &str, timeout: Duration) -> Vec<crate::events::Event> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let events = crate::events::decode_all(&crate::kafka::read_all(&self.kafka, topic).await);
+            let rows = self.db.contract_view_of(table).await;
+            let view = crate::events::materialize(&events);
+            if view == rows {
+                return events;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{topic} did not converge to {table}: table {} rows, view {} rows, {} differ",
+                rows.len(),
+                view.len(),
+                rows.iter().filter(|(k, v)| view.get(k) != Some(*v)).count()
+                    + view.keys().filter(|k| !rows.contains_key(k)).count()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    /// Messages on the courier_performance topic (sum of its partitions' high watermarks).
+    pub async fn topic_size(&self) -> i64 {
+        crate::kafka::high_watermarks(&self.kafka, &self.topic).await.iter().map(|(_, h)| h).sum()
     }
 
     /// The configuration as a file would hold it; `ops_port` 0 picks any port.
@@ -83,6 +117,7 @@ partitions = {partitions}
 replication_factor = 1
 watermarks = "{watermarks}"
 dead_letter = "{dead_letter}"
+snapshots = "{snapshots}"
 
 [[tables]]
 table = "public.courier_performance"
@@ -94,7 +129,7 @@ status_interval = "200ms"
 watermark_interval = "10ms"
 shutdown_timeout = "20s"
 lag_interval = "1s"
-max_in_flight = 20000
+max_in_flight = {max_in_flight}
 
 [ops]
 listen = "127.0.0.1:{ops_port}"
@@ -108,6 +143,8 @@ listen = "127.0.0.1:{ops_port}"
             partitions = self.partitions,
             watermarks = self.watermarks,
             dead_letter = self.dead_letter,
+            snapshots = self.snapshots,
+            max_in_flight = self.max_in_flight,
             extra = self.extra_toml,
         )
     }
@@ -235,6 +272,16 @@ impl ProducerProcess {
 
     pub fn has_exited(&mut self) -> bool {
         self.child.as_mut().is_none_or(|c| matches!(c.try_wait(), Ok(Some(_))))
+    }
+
+    /// Waits until `/readyz` answers 200; fails the test if the process exits first.
+    pub async fn wait_ready(&mut self, timeout: Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while !self.ready().await {
+            assert!(!self.has_exited(), "producer exited: {}", self.log());
+            assert!(std::time::Instant::now() < deadline, "producer not ready: {}", self.log());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn log(&self) -> String {

@@ -10,82 +10,16 @@ use std::time::{Duration, Instant};
 use walcache_schemas::{Lsn, Op};
 use walcache_tests::broker::{DedicatedBroker, DedicatedPostgres};
 use walcache_tests::events::{Event, check_newest_last_per_key, check_order_per_key, decode_all, materialize};
-use walcache_tests::kafka::{high_watermarks, read_all};
+use walcache_tests::kafka::read_all;
 use walcache_tests::writer::{Writer, assert_all_on_compacted_topic, assert_all_on_topic, duplicates};
-use walcache_tests::{Pipeline, ProducerProcess, TestDb, wait_for};
+use walcache_tests::{Pipeline, TestDb, wait_for};
 
 async fn topic_events(p: &Pipeline) -> Vec<Event> {
     decode_all(&read_all(&p.kafka, &p.topic).await)
 }
 
 async fn converge(p: &Pipeline, timeout: Duration) -> Vec<Event> {
-    converge_table(p, &p.topic, "courier_performance", timeout).await
-}
-
-/// Waits until `topic`, folded by position, equals `table` read through Postgres.
-async fn converge_table(p: &Pipeline, topic: &str, table: &str, timeout: Duration) -> Vec<Event> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let events = decode_all(&read_all(&p.kafka, topic).await);
-        let table = p.db.contract_view_of(table).await;
-        let view = materialize(&events);
-        if view == table {
-            return events;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "topic did not converge: table {} rows, view {} rows, {} differ",
-            table.len(),
-            view.len(),
-            table.iter().filter(|(k, v)| view.get(k) != Some(*v)).count()
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-}
-
-async fn topic_size(p: &Pipeline) -> i64 {
-    high_watermarks(&p.kafka, &p.topic).await.iter().map(|(_, h)| h).sum()
-}
-
-async fn wait_ready(process: &mut ProducerProcess, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    while !process.ready().await {
-        assert!(!process.has_exited(), "producer exited: {}", process.log());
-        assert!(Instant::now() < deadline, "producer not ready: {}", process.log());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_mid_snapshot_restarts_the_snapshot_and_loses_nothing() {
-    let db = TestDb::create().await;
-    db.seed(1, 150_000).await;
-    let p = Pipeline::new(&db);
-    let mut first = p.spawn();
-    wait_for("the snapshot to be under way", Duration::from_secs(60), || async {
-        (topic_size(&p).await >= 10_000).then_some(())
-    })
-    .await;
-    first.kill9();
-    let partial = topic_size(&p).await;
-    assert!(partial < 150_000, "the kill should land mid-snapshot (topic had {partial})");
-
-    // Writes while no producer runs: the new snapshot carries their effects (as snapshot
-    // rows, since they commit before the new slot's consistent point).
-    let offline = Writer::start(&db, 150_000, 10_000_000, Duration::from_millis(2)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let _covered_by_snapshot = offline.stop().await;
-    let mut second = p.spawn();
-    wait_ready(&mut second, Duration::from_secs(120)).await;
-    assert!(second.log().contains("initial snapshot never completed"), "{}", second.log());
-    // Writes after the new slot exists must each arrive as their own event.
-    let writer = Writer::start(&db, 150_000, 20_000_000, Duration::from_millis(2)).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let txids = writer.stop().await;
-    let events = converge(&p, Duration::from_secs(90)).await;
-    assert_all_on_topic(&events, &txids);
-    check_order_per_key(&events).expect("order per key");
-    second.terminate(Duration::from_secs(30));
+    p.converge_table(&p.topic, "courier_performance", timeout).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -94,11 +28,11 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
     db.seed(1, 60_000).await;
     let p = Pipeline::new(&db);
     let mut producer = p.spawn();
-    wait_ready(&mut producer, Duration::from_secs(120)).await;
+    producer.wait_ready(Duration::from_secs(120)).await;
 
     // Mid-transaction: one 60k-row transaction, killed while its events are going out.
     let before = converge(&p, Duration::from_secs(60)).await.len() as i64;
-    let before = before.max(topic_size(&p).await);
+    let before = before.max(p.topic_size().await);
     let big_txid: i64 = {
         let mut client = db.client().await;
         let tx = client.transaction().await.expect("tx");
@@ -108,12 +42,12 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
         id
     };
     wait_for("part of the big transaction on the topic", Duration::from_secs(60), || async {
-        (topic_size(&p).await >= before + 3_000).then_some(())
+        (p.topic_size().await >= before + 3_000).then_some(())
     })
     .await;
     producer.kill9();
     let confirmed = db.slot_confirmed(&p.slot).await.expect("slot");
-    let delivered = topic_size(&p).await - before;
+    let delivered = p.topic_size().await - before;
     assert!(delivered < 60_000, "the kill should land mid-transaction ({delivered} delivered)");
     let events = topic_events(&p).await;
     assert!(
@@ -127,7 +61,7 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
 
     // The restart replays the whole big transaction; let that finish and be confirmed.
     producer = p.spawn();
-    wait_ready(&mut producer, Duration::from_secs(120)).await;
+    producer.wait_ready(Duration::from_secs(120)).await;
     let big_lsn =
         events.iter().filter_map(|e| e.position).filter(|pos| pos.txid == big_txid as u64).map(|pos| pos.lsn).next();
     let big_lsn = big_lsn.expect("part of the big transaction was on the topic");
@@ -143,7 +77,7 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
     for attempt in 0..5 {
         if attempt > 0 {
             producer = p.spawn();
-            wait_ready(&mut producer, Duration::from_secs(120)).await;
+            producer.wait_ready(Duration::from_secs(120)).await;
         }
         tokio::time::sleep(Duration::from_millis(700)).await;
         producer.kill9();
@@ -162,7 +96,7 @@ async fn kill_9_mid_transaction_and_between_delivery_and_ack_loses_nothing() {
     }
     let confirmed_at_kill = window.expect("a kill landed between delivery and acknowledgement");
     let mut last = p.spawn();
-    wait_ready(&mut last, Duration::from_secs(120)).await;
+    last.wait_ready(Duration::from_secs(120)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let txids = writer.stop().await;
     let events = converge(&p, Duration::from_secs(120)).await;
@@ -298,7 +232,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     db.seed(1, 1_000).await;
     let p = Pipeline::new(&db);
     let mut leader = p.spawn();
-    wait_ready(&mut leader, Duration::from_secs(60)).await;
+    leader.wait_ready(Duration::from_secs(60)).await;
     let mut standby = p.spawn();
     wait_for("the standby to wait for the slot", Duration::from_secs(30), || async {
         standby.log().contains("standing by").then_some(())
@@ -308,7 +242,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
     let writer = Writer::start(&db, 1_000, 10_000_000, Duration::from_millis(2)).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     leader.kill9();
-    wait_ready(&mut standby, Duration::from_secs(60)).await;
+    standby.wait_ready(Duration::from_secs(60)).await;
     assert!(standby.log().contains("resuming from the slot's confirmed position"), "{}", standby.log());
     tokio::time::sleep(Duration::from_millis(500)).await;
     let txids = writer.stop().await;
@@ -317,7 +251,7 @@ async fn a_standby_takes_over_when_the_leader_dies() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_leader_that_loses_its_lock_mid_snapshot_stops_copying_and_the_slot_gets_one_snapshot() {
+async fn a_leader_that_loses_its_lock_mid_snapshot_stops_and_the_new_leader_continues_the_copy() {
     let db = TestDb::create().await;
     db.seed(1, 150_000).await;
     let p = Pipeline::new(&db);
@@ -332,7 +266,7 @@ async fn a_leader_that_loses_its_lock_mid_snapshot_stops_copying_and_the_slot_ge
     })
     .await;
     wait_for("the snapshot to be under way", Duration::from_secs(60), || async {
-        (topic_size(&p).await >= 10_000).then_some(())
+        (p.topic_size().await >= 10_000).then_some(())
     })
     .await;
     // The lock goes with the leader's control connection (as an idle_session_timeout or an
@@ -349,29 +283,29 @@ async fn a_leader_that_loses_its_lock_mid_snapshot_stops_copying_and_the_slot_ge
         .expect("terminate the leader's control connection")
         .get(0);
     assert_eq!(terminated, 1, "one session held the leader lock");
-    let partial = topic_size(&p).await;
+    let partial = p.topic_size().await;
     assert!(partial < 150_000, "the loss should land mid-snapshot (topic had {partial})");
     wait_for("the old leader to notice", Duration::from_secs(30), || async {
-        first.log().contains("lost the leader lock").then_some(())
+        first.log().contains("and with it the leader lock").then_some(())
     })
     .await;
 
-    // One of the two leads now and completes a snapshot of its own.
+    // One of the two leads now and completes the copy.
     let deadline = Instant::now() + Duration::from_secs(180);
     while !first.ready().await && !second.ready().await {
         assert!(!first.has_exited() && !second.has_exited(), "{}\n---\n{}", first.log(), second.log());
         assert!(Instant::now() < deadline, "no producer became ready: {}\n---\n{}", first.log(), second.log());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    // The old leader's first session never finished its copy nor marked the slot streaming:
-    // whatever it logged as delivered, it did as leader again, in a later session.
+    // The old leader's first session never finished the copy: whatever it logged as
+    // delivered, it did as leader again, in a later session.
     let log = first.log();
     let first_session = match log.match_indices("leading the slot").nth(1) {
         Some((second_lead, _)) => &log[..second_lead],
         None => &log[..],
     };
     assert!(
-        !first_session.contains("initial snapshot delivered") && !first_session.contains("streaming changes"),
+        !first_session.contains("initial snapshot delivered"),
         "the old leader carried on without the lock: {first_session}"
     );
     let writer = Writer::start(&db, 150_000, 10_000_000, Duration::from_millis(2)).await;
@@ -389,7 +323,7 @@ async fn sigterm_drains_confirms_and_exits_zero_so_a_restart_repeats_nothing() {
     db.seed(1, 1_000).await;
     let p = Pipeline::new(&db);
     let mut producer = p.spawn();
-    wait_ready(&mut producer, Duration::from_secs(60)).await;
+    producer.wait_ready(Duration::from_secs(60)).await;
     let writer = Writer::start(&db, 1_000, 10_000_000, Duration::ZERO).await;
     tokio::time::sleep(Duration::from_millis(800)).await;
     // The daemon bounds its own drain by shutdown_timeout; 30 s here only catches a hang.
@@ -402,7 +336,7 @@ async fn sigterm_drains_confirms_and_exits_zero_so_a_restart_repeats_nothing() {
     assert!(confirmed > newest, "everything delivered was confirmed (confirmed {confirmed}, newest commit {newest})");
 
     let mut again = p.spawn();
-    wait_ready(&mut again, Duration::from_secs(60)).await;
+    again.wait_ready(Duration::from_secs(60)).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let txids = writer.stop().await;
     let events = converge(&p, Duration::from_secs(60)).await;
@@ -509,7 +443,7 @@ async fn a_transaction_open_across_keepalives_survives_a_kill_9() {
     db.seed(1, 100).await;
     let p = Pipeline::new(&db);
     let mut first = p.spawn();
-    wait_ready(&mut first, Duration::from_secs(60)).await;
+    first.wait_ready(Duration::from_secs(60)).await;
     // A long transaction on keys 81..=100, while other transactions (keys 1..=80) commit and
     // heartbeats and keepalives let the slot's confirmed position pass its first change.
     let long = db.client().await;
@@ -527,7 +461,7 @@ async fn a_transaction_open_across_keepalives_survives_a_kill_9() {
     long.batch_execute("COMMIT").await.expect("commit");
     let txids = writer.stop().await;
     let mut second = p.spawn();
-    wait_ready(&mut second, Duration::from_secs(60)).await;
+    second.wait_ready(Duration::from_secs(60)).await;
     let events = converge(&p, Duration::from_secs(120)).await;
     let long_keys: std::collections::BTreeSet<i64> = events
         .iter()
@@ -560,7 +494,7 @@ async fn two_tables_stream_side_by_side_with_key_changes_and_one_truncate_of_bot
     let producer = p.start_in_process();
     producer.wait_ready(Duration::from_secs(60)).await;
     converge(&p, Duration::from_secs(60)).await;
-    converge_table(&p, &eu_topic, "courier_performance_eu", Duration::from_secs(60)).await;
+    p.converge_table(&eu_topic, "courier_performance_eu", Duration::from_secs(60)).await;
 
     // A key change under REPLICA IDENTITY FULL on one table and under DEFAULT on the other:
     // the old key is deleted, the new one inserted with the whole row.
@@ -573,7 +507,7 @@ async fn two_tables_stream_side_by_side_with_key_changes_and_one_truncate_of_bot
     .await
     .expect("key changes");
     let events = converge(&p, Duration::from_secs(60)).await;
-    let eu_events = converge_table(&p, &eu_topic, "courier_performance_eu", Duration::from_secs(60)).await;
+    let eu_events = p.converge_table(&eu_topic, "courier_performance_eu", Duration::from_secs(60)).await;
     for (events, old, new) in [(&events, 5, 5000), (&eu_events, 6, 6000)] {
         let last_old = events.iter().rev().find(|e| e.key == Some(old) && e.op.is_some()).expect("old key");
         assert_eq!(last_old.op, Some(Op::Delete), "{last_old:?}");
@@ -592,7 +526,7 @@ async fn two_tables_stream_side_by_side_with_key_changes_and_one_truncate_of_bot
     .await
     .expect("truncate both");
     let events = converge(&p, Duration::from_secs(60)).await;
-    let eu_events = converge_table(&p, &eu_topic, "courier_performance_eu", Duration::from_secs(60)).await;
+    let eu_events = p.converge_table(&eu_topic, "courier_performance_eu", Duration::from_secs(60)).await;
     let truncate_at = |events: &[Event]| {
         events
             .iter()
@@ -615,7 +549,7 @@ async fn kill_9_at_random_moments_during_50k_mixed_changes_loses_nothing() {
     db.seed(1, 2_000).await;
     let p = Pipeline::new(&db);
     let mut producer = p.spawn();
-    wait_ready(&mut producer, Duration::from_secs(120)).await;
+    producer.wait_ready(Duration::from_secs(120)).await;
     // Two writers as fast as they go: updates, inserts and deletes on shared keys.
     let writers = [
         Writer::start(&db, 2_000, 10_000_000, Duration::ZERO).await,
@@ -634,7 +568,7 @@ async fn kill_9_at_random_moments_during_50k_mixed_changes_loses_nothing() {
         txids.extend(writer.stop().await);
     }
     assert!(txids.len() >= CHANGES, "only {} changes were committed", txids.len());
-    wait_ready(&mut producer, Duration::from_secs(120)).await;
+    producer.wait_ready(Duration::from_secs(120)).await;
     let events = converge(&p, Duration::from_secs(300)).await;
     assert_all_on_topic(&events, &txids);
     check_order_per_key(&events).expect("order per key");
