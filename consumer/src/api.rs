@@ -290,6 +290,9 @@ async fn consistent_view(api: &Api, table: &TableView, options: &ReadOptions) ->
     Ok(now)
 }
 
+/// Why a key of a table no watermark covers yet reads unknown.
+pub const NOT_COVERED: &str = "not_covered";
+
 fn table<'a>(api: &'a Api, name: &str) -> Result<&'a TableView, ApiError> {
     api.view.table(name).ok_or_else(|| {
         ApiError::new(
@@ -325,6 +328,9 @@ fn answer(
             Err(_) => ("unknown", Json::Null, Some(position), Some("undecodable_row".to_string())),
         },
         Lookup::Deleted { position } => ("deleted", Json::Null, Some(position), None),
+        // Absent means "no such row as of the view's LSN": without coverage (the table's first
+        // copy still runs) there is no such LSN to vouch for.
+        Lookup::Absent if view.coverage.is_none() => ("unknown", Json::Null, None, Some(NOT_COVERED.to_string())),
         Lookup::Absent => ("absent", Json::Null, None, None),
         Lookup::Unknown { position, reason } => ("unknown", Json::Null, position, Some(reason)),
     };

@@ -291,7 +291,8 @@ impl Snapshots {
         emitter: &mut Emitter,
     ) -> Result<(), ProducerError> {
         let table = Arc::clone(&chunk.work.table);
-        let mut position = Position { index: 0, snapshot: true, ..tx };
+        // A copied row belongs to no transaction of the source (txid 0), like every snapshot row.
+        let mut position = Position { index: 0, snapshot: true, txid: 0, ..tx };
         let (mut rows, mut superseded) = (0u64, 0u64);
         for line in chunk.copy.split(|&b| b == b'\n') {
             if line.is_empty() && rows + superseded == chunk.rows {
