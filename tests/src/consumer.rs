@@ -16,6 +16,9 @@ pub struct TestConsumer {
     pub metrics: Metrics,
     pub http: reqwest::Client,
     pub token: Option<String>,
+    /// The broker and table topic it follows (for tests that explain a difference).
+    pub kafka: String,
+    pub topic: String,
 }
 
 impl Pipeline {
@@ -63,7 +66,15 @@ instance = "test-consumer"
         let metrics = Metrics::new().expect("metrics");
         let running =
             walcache_consumer::start(config, metrics.clone(), CancellationToken::new()).await.expect("consumer starts");
-        TestConsumer { base: format!("http://{}", running.addr), running, metrics, http: reqwest::Client::new(), token }
+        TestConsumer {
+            base: format!("http://{}", running.addr),
+            running,
+            metrics,
+            http: reqwest::Client::new(),
+            token,
+            kafka: self.kafka.clone(),
+            topic: self.topic.clone(),
+        }
     }
 }
 

@@ -33,6 +33,12 @@ pub struct Pipeline {
 }
 
 impl Pipeline {
+    /// Every topic the producer writes, with its partition count: a broker that cannot
+    /// create topics with their settings (librdkafka's mock cluster) needs them made first.
+    pub fn topics(&self) -> [(&str, i32); 4] {
+        [(&self.topic, self.partitions), (&self.watermarks, 1), (&self.dead_letter, 1), (&self.snapshots, 1)]
+    }
+
     /// A fresh database seeded with `rows` couriers, and a producer streaming it (its
     /// snapshot delivered).
     pub async fn streaming(rows: i64) -> (Pipeline, InProcess) {

@@ -9,21 +9,85 @@ use walcache_tests::consumer::TestConsumer;
 use walcache_tests::kafka::{produce, read_all};
 use walcache_tests::{Pipeline, TestDb, wait_for};
 
+/// Waits for the view to equal the table. A busy machine may take minutes to carry a large
+/// transaction through the pipeline, so the bound is on a minute without progress (the view
+/// not changing), not on the whole wait: a view that stops short of the table still fails.
 async fn wait_view_matches_table(c: &TestConsumer, db: &TestDb) {
-    let mut diff = String::new();
-    let ok = tokio::time::timeout(Duration::from_secs(60), async {
-        loop {
-            let view = c.present_rows().await;
-            let table = db.contract_view().await;
-            if view == table {
-                return;
-            }
-            diff = format!("view {} rows, table {} rows", view.len(), table.len());
-            tokio::time::sleep(Duration::from_millis(200)).await;
+    const STALL: Duration = Duration::from_secs(60);
+    const CAP: Duration = Duration::from_secs(600);
+    let started = std::time::Instant::now();
+    let (mut last, mut changed_at) = (None, started);
+    loop {
+        let view = c.present_rows().await;
+        let table = db.contract_view().await;
+        if view == table {
+            eprintln!("the view reached the table in {:?}", started.elapsed());
+            return;
         }
-    })
-    .await;
-    assert!(ok.is_ok(), "the view never matched the table: {diff}");
+        if last.as_ref() != Some(&view) {
+            changed_at = std::time::Instant::now();
+        } else if changed_at.elapsed() > STALL || started.elapsed() > CAP {
+            let extra: Vec<i64> = view.keys().filter(|k| !table.contains_key(k)).take(3).copied().collect();
+            let missing: Vec<i64> = table.keys().filter(|k| !view.contains_key(k)).take(3).copied().collect();
+            let stale: Vec<i64> =
+                table.iter().filter(|(k, v)| view.get(k).is_some_and(|w| w != *v)).map(|(k, _)| *k).take(3).collect();
+            let mut answers = Vec::new();
+            for key in extra.iter().chain(&missing).chain(&stale) {
+                answers.push(format!("{key}: {}", c.row(*key).await.1));
+            }
+            let diff = format!(
+                "view {} rows, table {} rows; extra {extra:?}, missing {missing:?}, different {stale:?}; the view's answers:\n{}",
+                view.len(),
+                table.len(),
+                answers.join("\n")
+            );
+            panic!(
+                "the view did not reach the table (no change for {:?}, {:?} in all): {diff}\n{}",
+                changed_at.elapsed(),
+                started.elapsed(),
+                topic_history(c, &diff).await
+            );
+        }
+        last = Some(view);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// What the topic holds for the first keys named in `diff` (partition, offset, position,
+/// tombstone or row): tells a lost event from one the view mis-applied.
+async fn topic_history(c: &TestConsumer, diff: &str) -> String {
+    let keys: Vec<i64> = diff.lines().skip(1).filter_map(|l| l.split(':').next()?.trim().parse().ok()).collect();
+    let records = read_all(&c.kafka, &c.topic).await;
+    let mut out = String::new();
+    for key in keys {
+        // An Avro long key: zigzag varint, at the end of the single-object encoding.
+        let mut z = ((key << 1) ^ (key >> 63)) as u64;
+        let mut body = Vec::new();
+        loop {
+            let byte = (z & 0x7f) as u8;
+            z >>= 7;
+            if z == 0 {
+                body.push(byte);
+                break;
+            }
+            body.push(byte | 0x80);
+        }
+        out.push_str(&format!("key {key}:\n"));
+        for r in records
+            .iter()
+            .filter(|r| r.key.as_deref().is_some_and(|k| k.len() == 10 + body.len() && k.ends_with(&body)))
+        {
+            let position = r.position_header.as_deref().and_then(walcache_schemas::Position::from_header);
+            out.push_str(&format!(
+                "  p{} @{} {} {:?}\n",
+                r.partition,
+                r.offset,
+                if r.value.is_some() { "row" } else { "tombstone" },
+                position
+            ));
+        }
+    }
+    out
 }
 
 async fn commit_lsn(client: &tokio_postgres::Client) -> Lsn {
@@ -597,7 +661,7 @@ async fn a_kafka_error_while_serving_resumes_where_it_was_and_coverage_never_mov
     let db = TestDb::create().await;
     db.seed(1, 2_000).await;
     let p = Pipeline::with_kafka(&db, &mock.bootstrap_servers());
-    for (topic, partitions) in [(&p.topic, p.partitions), (&p.watermarks, 1), (&p.dead_letter, 1)] {
+    for (topic, partitions) in p.topics() {
         mock.create_topic(topic, partitions, 1).expect("mock topic");
     }
     let producer = p.start_in_process();

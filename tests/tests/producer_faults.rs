@@ -194,7 +194,7 @@ async fn injected_broker_faults_lose_nothing() {
     let db = TestDb::create().await;
     db.seed(1, 500).await;
     let p = Pipeline::with_kafka(&db, &mock.bootstrap_servers());
-    for (topic, partitions) in [(&p.topic, p.partitions), (&p.watermarks, 1), (&p.dead_letter, 1)] {
+    for (topic, partitions) in p.topics() {
         mock.create_topic(topic, partitions, 3).expect("mock topic");
     }
     let producer = p.start_in_process();
@@ -408,7 +408,7 @@ async fn deliveries_that_exhaust_message_timeout_restart_the_session_and_lose_no
     db.seed(1, 500).await;
     let mut p = Pipeline::with_kafka(&db, &mock.bootstrap_servers());
     p.extra_toml = "[kafka.properties]\n\"message.timeout.ms\" = \"1500\"\n".into();
-    for (topic, partitions) in [(&p.topic, p.partitions), (&p.watermarks, 1), (&p.dead_letter, 1)] {
+    for (topic, partitions) in p.topics() {
         mock.create_topic(topic, partitions, 3).expect("mock topic");
     }
     let producer = p.start_in_process();

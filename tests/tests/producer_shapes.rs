@@ -393,7 +393,7 @@ async fn a_definite_kafka_error_stops_the_producer_instead_of_replaying_for_ever
     let db = TestDb::create().await;
     db.seed(1, 20).await;
     let p = Pipeline::with_kafka(&db, &mock.bootstrap_servers());
-    for (topic, partitions) in [(&p.topic, p.partitions), (&p.watermarks, 1), (&p.dead_letter, 1)] {
+    for (topic, partitions) in p.topics() {
         mock.create_topic(topic, partitions, 1).expect("mock topic");
     }
     let producer = p.start_in_process();

@@ -8,11 +8,15 @@
 //!  freshness  raw produce->consume latency     vs  commit -> visible in the cache at 5k updates/s (Sequin/Debezium published p99 in docs)
 //!  freshness-mock   the same two, on librdkafka's mock cluster over TCP: a broker with a
 //!             negligible floor, so commit->visible minus raw is walcache's own share
+//!  snapshot   one plain COPY TO STDOUT          vs  the producer's chunked initial snapshot, slot
+//!             (tokio-postgres, same table)          creation to every chunk acknowledged, on the mock
+//!                                                   cluster, snapshot.parallelism 1 and 4
 //!  read       tokio-postgres PK query, redis   vs  walcache-client get (HTTP; near-cache)
 //!  memory     moka, one entry per row          vs  the consumer's paged store, RSS per row
 //! ```
 //!
-//! Usage: walcache-bench [--rows N] [--events N] [--seconds S] [--skip drain,read,...]
+//! Usage: walcache-bench [--rows N] [--events N] [--snapshot-rows N] [--seconds S]
+//!        [--skip drain,freshness,freshness-mock,snapshot,read,memory]
 
 use std::process::Command;
 use std::sync::Arc;
@@ -29,18 +33,21 @@ use walcache_tests::{Env, Pipeline, TestDb, free_port, load_env, repo_root};
 struct Args {
     rows: i64,
     events: i64,
+    snapshot_rows: i64,
     seconds: u64,
     skip: Vec<String>,
     child: Option<String>,
 }
 
 fn args() -> Args {
-    let mut a = Args { rows: 1_000_000, events: 200_000, seconds: 5, skip: Vec::new(), child: None };
+    let mut a =
+        Args { rows: 1_000_000, events: 200_000, snapshot_rows: 300_000, seconds: 5, skip: Vec::new(), child: None };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         match flag.as_str() {
             "--rows" => a.rows = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.rows),
             "--events" => a.events = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.events),
+            "--snapshot-rows" => a.snapshot_rows = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.snapshot_rows),
             "--seconds" => a.seconds = it.next().and_then(|v| v.parse().ok()).unwrap_or(a.seconds),
             "--skip" => a.skip = it.next().unwrap_or_default().split(',').map(str::to_string).collect(),
             "--memory-child" => a.child = it.next(),
@@ -109,6 +116,9 @@ async fn run(args: Args) -> Result<()> {
     }
     if on("freshness-mock") {
         lines.extend(freshness_on_mock_cluster(env).await?);
+    }
+    if on("snapshot") {
+        lines.extend(snapshot(env, args.snapshot_rows).await?);
     }
     if on("read") {
         lines.extend(read(&pipeline, &consumer, args.events, args.seconds).await?);
@@ -527,7 +537,7 @@ async fn freshness_on_mock_cluster(env: &'static Env) -> Result<Vec<Line>> {
     let db = TestDb::create_named(env, "bench_fresh_mock").await;
     db.seed(1, keys).await;
     let p = Pipeline::named(&db, &bootstrap, "bench_fresh_mock", "benchmock");
-    for (topic, partitions) in [(&p.topic, p.partitions), (&p.watermarks, 1), (&p.dead_letter, 1)] {
+    for (topic, partitions) in p.topics() {
         mock.create_topic(topic, partitions, 3)?;
     }
     let producer = p.start_in_process();
@@ -551,6 +561,72 @@ async fn freshness_on_mock_cluster(env: &'static Env) -> Result<Vec<Line>> {
         target: "<= 20ms".into(),
         ok: Some(own_p99 <= 20.0),
     }])
+}
+
+/// The chunked initial snapshot against one plain `COPY ... TO STDOUT` of the same table. The
+/// producer's figure runs from its start (slot creation) until every chunk is acknowledged by
+/// the mock cluster (a broker with a negligible floor, so the local broker's produce rate does
+/// not set it) and includes parsing, contract checks and Avro encoding of every row.
+async fn snapshot(env: &'static Env, rows: i64) -> Result<Vec<Line>> {
+    use futures::StreamExt;
+    use rdkafka::mocking::MockCluster;
+    println!("snapshot: seeding {rows} rows ...");
+    let db = TestDb::create_named(env, "bench_snapshot").await;
+    db.seed(1, rows).await;
+    let client = db.client().await;
+    client.batch_execute("VACUUM ANALYZE courier_performance").await?;
+    let plain = |client: tokio_postgres::Client| async move {
+        let started = Instant::now();
+        let stream = client.copy_out("COPY (SELECT * FROM ONLY public.courier_performance) TO STDOUT").await?;
+        let mut stream = std::pin::pin!(stream);
+        let mut copied = 0u64;
+        while let Some(bytes) = stream.next().await {
+            copied += bytes?.iter().filter(|&&b| b == b'\n').count() as u64;
+        }
+        anyhow::Ok((copied, started.elapsed()))
+    };
+    // Warm the cache once so that neither side pays for the first read from disk.
+    let (copied, _) = plain(db.client().await).await?;
+    if copied != rows as u64 {
+        bail!("plain COPY returned {copied} rows of {rows}");
+    }
+    let mut lines = Vec::new();
+    for parallelism in [1usize, 4] {
+        let (_, baseline) = plain(db.client().await).await?;
+        let mock = MockCluster::new(3)?;
+        let bootstrap = mock.bootstrap_servers();
+        let name = format!("bench_snapshot_p{parallelism}");
+        let p = Pipeline::named(&db, &bootstrap, &name, &name.replace('_', ""));
+        for (topic, partitions) in p.topics() {
+            mock.create_topic(topic, partitions, 3)?;
+        }
+        let mut config = p.config();
+        config.snapshot.parallelism = parallelism;
+        let started = Instant::now();
+        let producer = p.start_in_process_with(config);
+        producer.wait_ready(Duration::from_secs(1800)).await;
+        let ours = started.elapsed();
+        let emitted = producer.metrics.snapshot_rows.with_label_values(&["public.courier_performance"]).get();
+        producer.stop().await?;
+        if emitted != rows as u64 {
+            bail!("the chunked snapshot emitted {emitted} rows of {rows}");
+        }
+        let (b, o) = (rate(rows as f64, baseline), rate(rows as f64, ours));
+        println!(
+            "snapshot: plain COPY {:.2}s, chunked snapshot (parallelism {parallelism}) {:.2}s",
+            baseline.as_secs_f64(),
+            ours.as_secs_f64()
+        );
+        lines.push(Line {
+            what: format!("snapshot {} rows, parallelism {parallelism}, rows/s", k(rows as f64)),
+            baseline: format!("plain COPY TO STDOUT {}/s", k(b)),
+            ours: format!("chunked, to acked (mock cluster) {}/s", k(o)),
+            ratio: Some(o / b),
+            target: ">= 0.7x".into(),
+            ok: Some(o / b >= 0.7),
+        });
+    }
+    Ok(lines)
 }
 
 struct LoadResult {
