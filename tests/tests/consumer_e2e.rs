@@ -95,6 +95,48 @@ async fn commit_lsn(client: &tokio_postgres::Client) -> Lsn {
     text.parse().expect("lsn")
 }
 
+/// While a table's first copy runs, no watermark vouches for it: a key the copy has not
+/// delivered yet exists in Postgres, so "absent" would be a lie. It reads unknown
+/// (`not_covered`) until the copy completes, then absent or present as the table says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_first_copy_has_not_reached_reads_unknown_never_absent() {
+    let db = TestDb::create().await;
+    db.seed(1, 150_000).await;
+    let mut p = Pipeline::new(&db);
+    // Many small chunks, one at a time: the copy takes long enough to be read during it.
+    p.extra_toml = "[snapshot]\nchunk_rows = 500\nparallelism = 1\n".into();
+    let producer = p.start_in_process();
+    let c = p.start_consumer("").await;
+    let (last_key, never) = (150_000, 9_000_000);
+    let mut not_covered = 0;
+    while !producer.health.is_ready() {
+        for key in [last_key, never] {
+            let (status, body) = c.row(key).await;
+            match (status, body["state"].as_str()) {
+                (503, _) => {}
+                // 409: the cache cannot vouch; the caller falls back to the source.
+                (409, Some("unknown")) => {
+                    assert_eq!(body["reason"], "not_covered", "{body}");
+                    not_covered += 1;
+                }
+                (200, Some("present")) if key == last_key => {}
+                other => panic!("key {key} during the first copy read {other:?}: {body}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(not_covered > 0, "the consumer answered during the copy, with unknown/not_covered");
+    wait_for("the copy to be covered", Duration::from_secs(120), || async {
+        let (_, body) = c.row(never).await;
+        (body["state"] == "absent").then_some(())
+    })
+    .await;
+    let (status, body) = c.row(last_key).await;
+    assert_eq!((status, body["state"].as_str()), (200, Some("present")), "{body}");
+    c.stop().await;
+    producer.stop().await.expect("drain");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_appear_with_their_as_of_and_read_your_writes_works() {
     let db = TestDb::create().await;

@@ -345,47 +345,6 @@ async fn a_publication_changed_while_streaming_stops_the_producer_before_it_vouc
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_table_added_to_a_streaming_slot_is_not_resumed_silently() {
-    let db = TestDb::create().await;
-    db.seed(1, 10).await;
-    db.client()
-        .await
-        .batch_execute(
-            "CREATE TABLE courier_performance_eu (LIKE courier_performance INCLUDING ALL); \
-             INSERT INTO courier_performance_eu SELECT * FROM courier_performance",
-        )
-        .await
-        .expect("second table");
-    let mut p = Pipeline::new(&db);
-    let producer = p.start_in_process();
-    producer.wait_ready(Duration::from_secs(60)).await;
-    producer.stop().await.expect("drain");
-
-    p.extra_toml = format!(
-        "[[tables]]\ntable = \"public.courier_performance_eu\"\ncontract = \"courier_performance\"\ntopic = \"{}.eu\"\n",
-        p.prefix
-    );
-    let error = p.start_in_process().exited(Duration::from_secs(60)).await.expect_err("refuses to resume");
-    let message = error.to_string();
-    assert!(
-        message.contains("public.courier_performance_eu joined the configuration after slot")
-            && message.contains("pg_drop_replication_slot"),
-        "{message}"
-    );
-    assert!(!error.is_transient());
-    let published = db
-        .client()
-        .await
-        .query_opt(
-            "SELECT 1 FROM pg_publication_tables WHERE pubname = $1 AND tablename = 'courier_performance_eu'",
-            &[&p.slot],
-        )
-        .await
-        .expect("publication tables");
-    assert!(published.is_none(), "the publication is not extended behind the operator's back");
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_definite_kafka_error_stops_the_producer_instead_of_replaying_for_ever() {
     use rdkafka::mocking::MockCluster;
     use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};

@@ -202,6 +202,21 @@ impl Snapshots {
             tracing::info!(table = %job.table, job = job.id, kind = ?job.kind, rows = job.rows, resumed = job.after.is_some(), "snapshot job queued");
             self.planner.add(job.id, table, lower, job.to_key.clone()).await;
         }
+        // Every table has a progress figure from the start: complete ones 1, others what the
+        // state says, so a dashboard shows a copy that has not delivered a chunk yet as 0.
+        for table in &self.tables {
+            let whole = self
+                .state
+                .jobs
+                .iter()
+                .find(|j| j.table == table.qualified && j.from_key.is_none() && j.to_key.is_none());
+            let ratio = match whole {
+                Some(job) => job.ratio().unwrap_or(0.0),
+                None if self.state.complete.contains(&table.qualified) => 1.0,
+                None => continue,
+            };
+            self.metrics.snapshot_progress.with_label_values(&[&table.qualified]).set(ratio);
+        }
         self.persist(sink).await?;
         if let Some(workers) = self.workers.clone() {
             for worker in 0..self.parallelism {
@@ -369,7 +384,8 @@ impl Snapshots {
             if let Some(job) = self.state.finish(id) {
                 self.progress.remove(&id);
                 self.metrics.snapshot_eta.with_label_values(&[&job.table]).set(0.0);
-                if job.ratio().is_some() {
+                // A whole-table copy is done, even of a table too small to estimate.
+                if job.from_key.is_none() && job.to_key.is_none() {
                     self.metrics.snapshot_progress.with_label_values(&[&job.table]).set(1.0);
                 }
                 let secs = (now_micros() - job.created_at).max(0) as f64 / 1e6;
