@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
 use serde_json::Value as Json;
-use walcache_schemas::{Lsn, TableContract};
+use walcache_schemas::{Lsn, TableContract, wire};
 
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, Permit};
 use crate::error::ClientError;
@@ -46,6 +46,20 @@ pub struct ClientOptions {
     pub token: Option<String>,
     /// The client's own metrics ([`ClientMetrics::register`] them in your registry).
     pub metrics: Option<ClientMetrics>,
+    /// How typed single-key reads travel.
+    pub wire: Wire,
+}
+
+/// The form of a typed single-key read's answer.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Wire {
+    /// The row's Avro bytes as the cache holds them, as-of in headers, decoded here with the
+    /// contract (`Accept: application/vnd.walcache.avro`): no JSON on either side.
+    #[default]
+    Avro,
+    /// The JSON answer people and curl read.
+    Json,
 }
 
 impl Default for ClientOptions {
@@ -59,6 +73,7 @@ impl Default for ClientOptions {
             near_cache: None,
             token: None,
             metrics: None,
+            wire: Wire::default(),
         }
     }
 }
@@ -100,6 +115,11 @@ impl ClientOptions {
 
     pub fn metrics(mut self, metrics: ClientMetrics) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    pub fn wire(mut self, wire: Wire) -> Self {
+        self.wire = wire;
         self
     }
 }
@@ -344,7 +364,13 @@ impl Client {
             &segment,
         ]);
         append_options(&mut url, options);
-        let answer: WireAnswer = self.call(options, || self.http.get(url.clone())).await?;
+        let answer: WireAnswer = match self.options.wire {
+            Wire::Json => self.call(options, || self.http.get(url.clone())).await?,
+            Wire::Avro => {
+                let request = || self.http.get(url.clone()).header(reqwest::header::ACCEPT, wire::AVRO_ROW_MEDIA_TYPE);
+                self.call_with(options, request, read_avro_answer::<T>).await?
+            }
+        };
         if let Some(m) = &self.options.metrics {
             m.reads.with_label_values(&[answer.state.as_str()]).inc();
         }
@@ -445,12 +471,26 @@ impl Client {
         }
     }
 
-    /// One logical call: breaker, timeout, retries with jittered backoff.
+    /// One logical call with a JSON answer.
     async fn call<R: serde::de::DeserializeOwned>(
         &self,
         options: &ReadOptions,
         request: impl Fn() -> reqwest::RequestBuilder,
     ) -> Result<R, ClientError> {
+        self.call_with(options, request, read_body).await
+    }
+
+    /// One logical call: breaker, timeout, retries with jittered backoff; `decode` reads the
+    /// response.
+    async fn call_with<R, Fut>(
+        &self,
+        options: &ReadOptions,
+        request: impl Fn() -> reqwest::RequestBuilder,
+        decode: impl Fn(reqwest::Response) -> Fut,
+    ) -> Result<R, ClientError>
+    where
+        Fut: std::future::Future<Output = Result<R, ClientError>>,
+    {
         // The attempt's budget covers the server's `min_lsn` wait: a lagging view answers
         // `min_lsn_not_reached` in time, and is never mistaken for a failing cache.
         let timeout = options.timeout.unwrap_or(self.options.timeout) + effective_wait(options);
@@ -467,7 +507,7 @@ impl Client {
                 Ok(Err(e)) if e.is_timeout() => Err(ClientError::Timeout(timeout)),
                 Ok(Err(e)) => Err(transport(e)),
                 Ok(Ok(response)) => {
-                    match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), read_body(response)).await {
+                    match tokio::time::timeout(timeout.saturating_sub(started.elapsed()), decode(response)).await {
                         Err(_) => Err(ClientError::Timeout(timeout)),
                         Ok(r) => r,
                     }
@@ -542,6 +582,51 @@ async fn read_body<R: serde::de::DeserializeOwned>(response: reqwest::Response) 
         return serde_json::from_value(body).map_err(|e| ClientError::Decode(e.to_string()));
     }
     Err(error_of(status, &bytes))
+}
+
+/// Reads a binary answer ([`walcache_schemas::wire`]); a response without its state header is
+/// an error, in JSON like every error.
+async fn read_avro_answer<T: TableContract>(response: reqwest::Response) -> Result<WireAnswer, ClientError> {
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.map_err(transport)?;
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(state) = text(wire::STATE_HEADER) else {
+        return Err(error_of(status, &bytes));
+    };
+    let value = if state == "present" {
+        let (version, fingerprint) = text(wire::ROW_VERSION_HEADER)
+            .and_then(wire::parse_row_version_header)
+            .ok_or_else(|| ClientError::Decode("a present row without its schema version".into()))?;
+        let registry = walcache_schemas::Registry::builtin().map_err(|e| ClientError::Decode(e.to_string()))?;
+        let contract = registry.contract(T::CONTRACT).map_err(|e| ClientError::Decode(e.to_string()))?;
+        let schema = contract.version(version).filter(|v| v.doc.fingerprint == fingerprint).ok_or_else(|| {
+            ClientError::Decode(format!(
+                "the cache answers with {} version {version} (fingerprint {fingerprint:016x}), which this \
+                 client's walcache-schemas does not have: upgrade the client, or read with Wire::Json",
+                T::CONTRACT
+            ))
+        })?;
+        let row =
+            schema.row.row_to_json(&bytes).map_err(|e| ClientError::Decode(format!("row of {}: {e}", T::CONTRACT)))?;
+        Json::Object(row)
+    } else {
+        Json::Null
+    };
+    let position = text(wire::ROW_POSITION_HEADER).and_then(wire::parse_position_header);
+    let view = text(wire::VIEW_HEADER).and_then(wire::parse_view_header);
+    let time = |micros: i64| DateTime::<Utc>::from_timestamp_micros(micros);
+    Ok(WireAnswer {
+        state: state.to_string(),
+        value,
+        as_of: WireAsOf {
+            row_lsn: position.map(|p| p.lsn),
+            row_commit_time: position.and_then(|p| time(p.commit_ts_micros)),
+            row_txid: position.map(|p| p.txid),
+            view_lsn: view.map(|(lsn, _)| lsn),
+            view_time: view.and_then(|(_, micros)| time(micros)),
+        },
+    })
 }
 
 fn error_of(status: u16, body: &[u8]) -> ClientError {

@@ -24,7 +24,7 @@ pub mod verify;
 pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 #[cfg(feature = "postgres")]
 pub use client::current_lsn;
-pub use client::{AsOf, Client, ClientOptions, NearCacheOptions, Read, ReadOptions, RowState};
+pub use client::{AsOf, Client, ClientOptions, NearCacheOptions, Read, ReadOptions, RowState, Wire};
 pub use error::ClientError;
 pub use fallback::{Answer, Fallback, FallbackError, FallbackReason, OnRejected, Source};
 pub use metrics::ClientMetrics;

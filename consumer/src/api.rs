@@ -313,6 +313,29 @@ fn position_json(p: &Position) -> Json {
     })
 }
 
+/// What the view holds for one key, before it is written as JSON or Avro.
+struct KeyAnswer {
+    state: &'static str,
+    /// The row's Avro datum (reader version), when present.
+    row: Option<Vec<u8>>,
+    position: Option<Position>,
+    reason: Option<String>,
+}
+
+fn key_answer(t: &TableView, key_body: &[u8], view: &ViewAsOf, metrics: &crate::metrics::Metrics) -> KeyAnswer {
+    let (state, row, position, reason) = match t.store.get(key_body) {
+        Lookup::Present { row, position } => ("present", Some(row), Some(position), None),
+        Lookup::Deleted { position } => ("deleted", None, Some(position), None),
+        // Absent means "no such row as of the view's LSN": without coverage (the table's first
+        // copy still runs) there is no such LSN to vouch for.
+        Lookup::Absent if view.coverage.is_none() => ("unknown", None, None, Some(NOT_COVERED.to_string())),
+        Lookup::Absent => ("absent", None, None, None),
+        Lookup::Unknown { position, reason } => ("unknown", None, position, Some(reason)),
+    };
+    metrics.lookups.with_label_values(&[&t.spec.name, state]).inc();
+    KeyAnswer { state, row, position, reason }
+}
+
 /// One key's answer, as JSON, and its state name.
 fn answer(
     t: &TableView,
@@ -321,20 +344,12 @@ fn answer(
     view: &ViewAsOf,
     metrics: &crate::metrics::Metrics,
 ) -> (Json, &'static str) {
-    let lookup = t.store.get(key_body);
-    let (state, value, row_pos, reason) = match lookup {
-        Lookup::Present { row, position } => match t.spec.reader.row.row_to_json(&row) {
-            Ok(v) => ("present", Json::Object(v), Some(position), None),
-            Err(_) => ("unknown", Json::Null, Some(position), Some("undecodable_row".to_string())),
-        },
-        Lookup::Deleted { position } => ("deleted", Json::Null, Some(position), None),
-        // Absent means "no such row as of the view's LSN": without coverage (the table's first
-        // copy still runs) there is no such LSN to vouch for.
-        Lookup::Absent if view.coverage.is_none() => ("unknown", Json::Null, None, Some(NOT_COVERED.to_string())),
-        Lookup::Absent => ("absent", Json::Null, None, None),
-        Lookup::Unknown { position, reason } => ("unknown", Json::Null, position, Some(reason)),
+    let KeyAnswer { state, row, position: row_pos, reason } = key_answer(t, key_body, view, metrics);
+    let (state, value, reason) = match row.map(|r| t.spec.reader.row.row_to_json(&r)) {
+        Some(Ok(v)) => (state, Json::Object(v), reason),
+        Some(Err(_)) => ("unknown", Json::Null, Some("undecodable_row".to_string())),
+        None => (state, Json::Null, reason),
     };
-    metrics.lookups.with_label_values(&[&t.spec.name, state]).inc();
     let body = json!({
         "key": key_json,
         "state": state,
@@ -352,6 +367,33 @@ fn answer(
     (body, state)
 }
 
+/// One key's answer in the binary form of [`walcache_schemas::wire`]: the row's Avro bytes as
+/// they are held, the rest in headers.
+fn avro_answer(t: &TableView, key_body: &[u8], view: &ViewAsOf, metrics: &crate::metrics::Metrics) -> Response {
+    use walcache_schemas::wire;
+    let KeyAnswer { state, row, position, reason } = key_answer(t, key_body, view, metrics);
+    let mut headers = axum::http::HeaderMap::new();
+    let mut put = |name: &'static str, value: String| {
+        if let Ok(v) = header::HeaderValue::from_str(&value) {
+            headers.insert(name, v);
+        }
+    };
+    put(header::CONTENT_TYPE.as_str(), wire::AVRO_ROW_MEDIA_TYPE.to_string());
+    put(wire::STATE_HEADER, state.to_string());
+    if let Some(reason) = reason {
+        put(wire::REASON_HEADER, reason);
+    }
+    let reader = t.spec.reader;
+    put(wire::ROW_VERSION_HEADER, wire::row_version_header(reader.version, reader.doc.fingerprint));
+    if let Some(p) = position {
+        put(wire::ROW_POSITION_HEADER, wire::position_header(&p));
+    }
+    if let Some(c) = view.coverage {
+        put(wire::VIEW_HEADER, wire::view_header(c.lsn, c.commit_ts_micros));
+    }
+    (status_of(state), headers, row.unwrap_or_default()).into_response()
+}
+
 fn key_json_of(t: &TableView, body: &[u8]) -> Json {
     match t.spec.contract.key_plan.row_to_json(body) {
         Ok(map) if map.len() == 1 => map.into_iter().next().map(|(_, v)| v).unwrap_or(Json::Null),
@@ -360,8 +402,18 @@ fn key_json_of(t: &TableView, body: &[u8]) -> Json {
     }
 }
 
+/// Whether the caller asked for the binary answer (`Accept: application/vnd.walcache.avro`).
+fn wants_avro(headers: &axum::http::HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.split(',').any(|t| t.trim().starts_with(walcache_schemas::wire::AVRO_ROW_MEDIA_TYPE)))
+}
+
 async fn get_row(
     State(api): State<Api>,
+    request_headers: axum::http::HeaderMap,
     Path((table_name, key)): Path<(String, String)>,
     options: Result<Query<ReadOptions>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
@@ -379,6 +431,9 @@ async fn get_row(
         )
     })?;
     let view = consistent_view(&api, t, &options).await?;
+    if wants_avro(&request_headers) {
+        return Ok(avro_answer(t, &body, &view, &api.view.metrics));
+    }
     let (answer, state) = answer(t, &body, key_json_of(t, &body), &view, &api.view.metrics);
     let status = status_of(state);
     Ok((status, axum::Json(answer_with_table(&t.spec.name, answer))).into_response())

@@ -11,6 +11,7 @@
 //! - [`envelope`]: the change envelope with its [`Position`].
 //! - [`watermark`]: producer progress records.
 //! - [`framing`]: Avro single-object encoding (`C3 01` + fingerprint).
+//! - [`wire`]: the query API's binary (Avro) answer for one key.
 
 pub mod binary;
 pub mod courier;
@@ -22,6 +23,7 @@ pub mod position;
 pub mod registry;
 pub mod text;
 pub mod watermark;
+pub mod wire;
 
 pub use courier::{CourierPerformance, TableContract, Tier};
 pub use envelope::{EnvelopeRef, Op, UNAVAILABLE_HEADER, read_envelope, write_envelope};

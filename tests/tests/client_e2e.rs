@@ -8,7 +8,7 @@ use std::time::Duration;
 use walcache_client::verify::{Verdict, VerifyOptions, verify};
 use walcache_client::{
     BreakerConfig, BreakerState, Client, ClientError, ClientOptions, CourierPerformance, Fallback, FallbackReason,
-    ReadOptions, Source,
+    ReadOptions, RowState, Source, Wire,
 };
 use walcache_schemas::{Op, Position, Registry, now_micros, write_envelope};
 use walcache_tests::kafka::produce;
@@ -28,6 +28,86 @@ fn client(base: &str) -> Client {
         ClientOptions::default().timeout(Duration::from_secs(2)).retries(1).breaker(BreakerConfig::new(3, OPEN_FOR)),
     )
     .expect("client")
+}
+
+/// The binary (Avro) answer and the JSON answer of the same view say the same thing, for every
+/// state a key can be in; read-your-writes and staleness refusals travel the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn avro_and_json_reads_give_the_same_answers_in_every_state() {
+    let db = TestDb::create().await;
+    db.seed(1, 300).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(60)).await;
+    let pg = db.client().await;
+    pg.batch_execute("DELETE FROM courier_performance WHERE courier_id = 5").await.expect("delete");
+    let consumer = p.start_consumer("").await;
+    consumer.wait_ready(Duration::from_secs(60)).await;
+    let lsn = walcache_client::current_lsn(&pg).await.expect("lsn");
+    let options = |wire| ClientOptions::default().timeout(Duration::from_secs(5)).wire(wire);
+    let avro = Client::new(&consumer.base, options(Wire::Avro)).expect("client");
+    let json = Client::new(&consumer.base, options(Wire::Json)).expect("client");
+    let covered = ReadOptions::default().min_lsn(lsn).wait(Duration::from_secs(30));
+    // Key 11 becomes unknown: a change set aside upstream (an unavailable marker).
+    let registry = Registry::builtin().expect("registry");
+    let contract = registry.contract("courier_performance").expect("contract");
+    let key = contract.key_message(&contract.key_from_text(&["11"]).expect("key"));
+    let mut marker = Vec::new();
+    let position = Position {
+        lsn: walcache_client::Lsn(lsn.0 + 1),
+        index: 0,
+        txid: 1,
+        commit_ts_micros: now_micros(),
+        snapshot: false,
+    };
+    write_envelope(
+        &mut marker,
+        &contract.latest().doc.header,
+        Op::Update,
+        None,
+        None,
+        &position,
+        "public.courier_performance",
+    );
+    produce(&p.kafka, &p.topic, None, Some(&key), Some(&marker)).await;
+    wait_for("key 11 to read unknown", Duration::from_secs(60), || async {
+        let read = json.get::<CourierPerformance>(&11, &ReadOptions::default()).await.ok()?;
+        (read.state == RowState::Unknown).then_some(())
+    })
+    .await;
+    let mut states = Vec::new();
+    for key in [7, 5, 99_999, 11] {
+        let a = avro.get::<CourierPerformance>(&key, &covered).await.expect("avro read");
+        let j = json.get::<CourierPerformance>(&key, &covered).await.expect("json read");
+        assert_eq!(a.value, j.value, "key {key}");
+        assert_eq!(a.state, j.state, "key {key}");
+        assert_eq!(
+            (a.as_of.row_lsn, a.as_of.row_txid, a.as_of.row_commit_time),
+            (j.as_of.row_lsn, j.as_of.row_txid, j.as_of.row_commit_time),
+            "key {key}"
+        );
+        // The view may move on between the two reads, never back.
+        assert!(a.as_of.view_lsn.is_some() && a.as_of.view_lsn <= j.as_of.view_lsn, "key {key}: {a:?} {j:?}");
+        states.push(a.state);
+    }
+    assert_eq!(states, [RowState::Present, RowState::Deleted, RowState::Absent, RowState::Unknown]);
+    let row = avro.get::<CourierPerformance>(&7, &covered).await.expect("read").value.expect("present");
+    let deliveries: i32 =
+        pg.query_one("SELECT deliveries FROM courier_performance WHERE courier_id = 7", &[]).await.expect("row").get(0);
+    assert_eq!(i64::from(deliveries), i64::from(row.deliveries), "the Avro row decodes to what Postgres holds");
+
+    // Refusals are the same errors on both paths.
+    let ahead =
+        ReadOptions::default().min_lsn(walcache_client::Lsn(lsn.0 + (1 << 40))).wait(Duration::from_millis(200));
+    assert!(matches!(avro.get::<CourierPerformance>(&7, &ahead).await, Err(ClientError::MinLsnNotReached(_))));
+    // (A view exactly 0 ms old passes a 0 ms bound: ask until a read finds it older.)
+    let strict = ReadOptions::default().max_staleness(Duration::ZERO);
+    wait_for("a too-stale refusal", Duration::from_secs(30), || async {
+        matches!(avro.get::<CourierPerformance>(&7, &strict).await, Err(ClientError::TooStale(_))).then_some(())
+    })
+    .await;
+    consumer.stop().await;
+    producer.stop().await.expect("drain");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -439,7 +519,10 @@ async fn the_near_cache_never_replaces_a_newer_answer_with_an_older_one() {
     let (base, server) = scripted_cache(vec![row(20, "0/200"), row(10, "0/100")]).await;
     let client = Client::new(
         &base,
-        ClientOptions::default().near_cache(walcache_client::NearCacheOptions::new(100, Duration::from_secs(60))),
+        // The scripted cache speaks JSON.
+        ClientOptions::default()
+            .wire(Wire::Json)
+            .near_cache(walcache_client::NearCacheOptions::new(100, Duration::from_secs(60))),
     )
     .expect("client");
     let fresh = ReadOptions::default().min_lsn(walcache_client::Lsn(0x10));

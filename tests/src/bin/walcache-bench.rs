@@ -11,7 +11,7 @@
 //!  snapshot   one plain COPY TO STDOUT          vs  the producer's chunked copy (planner + workers),
 //!             (tokio-postgres, same table)          and its whole initial snapshot to every chunk
 //!                                                   acknowledged by the mock cluster; parallelism 1, 4
-//!  read       tokio-postgres PK query, redis   vs  walcache-client get (HTTP; near-cache)
+//!  read       tokio-postgres PK query, redis   vs  walcache-client get (HTTP Avro, HTTP JSON; near-cache)
 //!  memory     moka, one entry per row          vs  the consumer's paged store, RSS per row
 //! ```
 //!
@@ -759,14 +759,16 @@ async fn pg_reads(p: &Pipeline, keys: Keys, seconds: u64) -> LoadResult {
 async fn client_reads(
     consumer: &walcache_tests::consumer::TestConsumer,
     near_cache: Option<walcache_client::NearCacheOptions>,
+    wire: walcache_client::Wire,
     keys: Keys,
     seconds: u64,
 ) -> Result<LoadResult> {
+    let options = walcache_client::ClientOptions::default().wire(wire);
     let client = walcache_client::Client::new(
         &consumer.base,
         match near_cache {
-            Some(near) => walcache_client::ClientOptions::default().near_cache(near),
-            None => walcache_client::ClientOptions::default(),
+            Some(near) => options.near_cache(near),
+            None => options,
         },
     )?;
     let until = Instant::now() + Duration::from_secs(seconds);
@@ -797,11 +799,14 @@ async fn read(
 ) -> Result<Vec<Line>> {
     let near = walcache_client::NearCacheOptions::new(200_000, Duration::from_secs(1));
     let mut results = Vec::new();
-    for (label, near_cache, keys) in
-        [("HTTP", None, Keys::Uniform(rows)), ("near-cache, 1s TTL", Some(near), Keys::Hot(1000.min(rows)))]
-    {
+    use walcache_client::Wire;
+    for (label, near_cache, wire, keys) in [
+        ("HTTP Avro", None, Wire::Avro, Keys::Uniform(rows)),
+        ("HTTP JSON", None, Wire::Json, Keys::Uniform(rows)),
+        ("near-cache, 1s TTL", Some(near), Wire::Avro, Keys::Hot(1000.min(rows))),
+    ] {
         let pg = pg_reads(p, keys, seconds).await;
-        let ours = client_reads(consumer, near_cache, keys, seconds).await?;
+        let ours = client_reads(consumer, near_cache, wire, keys, seconds).await?;
         for (who, r) in [("postgres PK query", &pg), ("walcache-client get", &ours)] {
             println!(
                 "read ({}): {who} ({label}) {}/s, p50 {:.0} us, p99 {:.0} us",
