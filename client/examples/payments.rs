@@ -14,7 +14,13 @@
 //! `--mode experiment` (default) runs the experiment and prints its summary; `--mode cache`
 //! reads cache-first with the old call as fallback and reports which path answered.
 //!
-//! cargo run -p walcache-client --example payments -- --postgres postgres://... --cache http://127.0.0.1:8080
+//! `--paths` picks the cache's read paths the experiment measures, each a candidate beside the
+//! control: `avro` (remote, binary), `json` (remote), `near` (remote with a near-cache),
+//! `embedded` (the view in this process; needs `--embedded`, the consumer's TOML config). In
+//! `--mode cache`, `--embedded` makes the cache reads embedded.
+//!
+//! cargo run -p walcache-client --features cli,embedded --example payments -- \
+//!     --postgres postgres://... --cache http://127.0.0.1:8080 [--embedded consumer.toml --paths avro,embedded]
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -26,7 +32,8 @@ use serde::Serialize;
 use tokio::sync::Semaphore;
 use walcache_client::experiment::{Experiment, ObservedAt, PrometheusPublisher, Publisher, SummaryPublisher};
 use walcache_client::{
-    Client, ClientOptions, CourierPerformance, Fallback, Lsn, NearCacheOptions, ReadOptions, RowState, Source, Tier,
+    Client, ClientOptions, CourierPerformance, EmbeddedView, Fallback, Lsn, NearCacheOptions, ReadOptions, RowState,
+    Source, Tier, Wire,
 };
 use walcache_schemas::Registry;
 
@@ -48,6 +55,13 @@ struct Args {
     rate: u64,
     #[arg(long, default_value = "experiment")]
     mode: String,
+    /// The cache's read paths to measure as candidates: avro, json, near, embedded.
+    #[arg(long, value_delimiter = ',', default_value = "avro")]
+    paths: Vec<String>,
+    /// Run the consumer's view in this process from this consumer config (TOML: kafka, tables,
+    /// watermarks, cache).
+    #[arg(long)]
+    embedded: Option<std::path::PathBuf>,
     /// Where the experiment summary is written.
     #[arg(long, default_value = "payments-experiment.json")]
     summary_file: std::path::PathBuf,
@@ -129,14 +143,37 @@ async fn main() -> anyhow::Result<()> {
     let (pg, connection) = tokio_postgres::connect(&args.postgres, tokio_postgres::NoTls).await?;
     tokio::spawn(connection);
     let pg = Arc::new(pg);
-    let cache = Client::new(&args.cache, {
-        let options = ClientOptions::default().timeout(Duration::from_millis(250));
-        if args.mode == "cache" {
-            options.near_cache(NearCacheOptions::new(10_000, Duration::from_millis(200)))
-        } else {
-            options
+    let options = ClientOptions::default().timeout(Duration::from_millis(250));
+    let near = NearCacheOptions::new(10_000, Duration::from_millis(200));
+    let view = match &args.embedded {
+        Some(path) => {
+            let mut config: walcache_consumer::ConsumerConfig = walcache_common::config::load(Some(path))?;
+            // The consumers dead-letter bad messages already; every payments process would
+            // publish them again.
+            config.dead_letter.publish = false;
+            let view = EmbeddedView::start(config)?;
+            view.wait_ready(Duration::from_secs(120)).await?;
+            Some(view)
         }
-    })?;
+        None => None,
+    };
+    let mut candidates: Vec<(String, Client)> = Vec::new();
+    for path in &args.paths {
+        let client = match (path.as_str(), &view) {
+            ("avro", _) => Client::new(&args.cache, options.clone().wire(Wire::Avro))?,
+            ("json", _) => Client::new(&args.cache, options.clone().wire(Wire::Json))?,
+            ("near", _) => Client::new(&args.cache, options.clone().near_cache(near))?,
+            ("embedded", Some(view)) => Client::embedded(Arc::clone(view), options.clone())?,
+            ("embedded", None) => anyhow::bail!("--paths embedded needs --embedded <consumer.toml>"),
+            (other, _) => anyhow::bail!("unknown path {other:?}: avro, json, near or embedded"),
+        };
+        candidates.push((format!("cache-{path}"), client));
+    }
+    let cache = match &view {
+        Some(view) => Client::embedded(Arc::clone(view), options.clone())?,
+        None if args.mode == "cache" => Client::new(&args.cache, options.clone().near_cache(near))?,
+        None => Client::new(&args.cache, options.clone())?,
+    };
     let summary = Arc::new(SummaryPublisher::new("courier-performance", false, 10));
     let registry = prometheus::Registry::new();
     let prometheus: Arc<dyn Publisher> = Arc::new(PrometheusPublisher::new(&registry)?);
@@ -170,10 +207,15 @@ async fn main() -> anyhow::Result<()> {
                 }
             }
         } else {
-            let (pg, cache_c, recheck_c) = (Arc::clone(&pg), cache.clone(), cache.clone());
-            let result = Experiment::new("courier-performance")
-                .control(move || async move { read_incentives(&pg, id).await })
-                .candidate("cache", move || async move { read_cache(&cache_c, id, &ReadOptions::default()).await })
+            let (pg, recheck_c) = (Arc::clone(&pg), cache.clone());
+            let mut experiment =
+                Experiment::new("courier-performance").control(move || async move { read_incentives(&pg, id).await });
+            for (name, client) in &candidates {
+                let client = client.clone();
+                experiment = experiment
+                    .candidate(name, move || async move { read_cache(&client, id, &ReadOptions::default()).await });
+            }
+            let result = experiment
                 .compare(|a: &Performance, b: &Performance| a.courier == b.courier)
                 .observed_at(|p: &Performance| Some(p.at))
                 .recheck(move |at: ObservedAt| {
@@ -205,6 +247,9 @@ async fn main() -> anyhow::Result<()> {
     // Let background comparisons finish.
     let _ = limit.acquire_many(64).await;
     exporter.abort();
+    if let Some(view) = &view {
+        view.stop().await?;
+    }
 
     println!("payments: {deliveries} deliveries paid, {} EUR in total", paid.round_dp(2));
     if args.mode == "cache" {
@@ -226,10 +271,15 @@ async fn main() -> anyhow::Result<()> {
             n("divergent"),
             n("candidate_error")
         );
-        println!(
-            "  latency ms  control (Postgres) p50 {:.3} p99 {:.3}   |   {name} p50 {:.3} p99 {:.3}",
-            s.control_latency.p50_ms, s.control_latency.p99_ms, c.latency.p50_ms, c.latency.p99_ms
-        );
+    }
+    println!("  latency per read path    p50 ms    p99 ms   p50 vs control");
+    let row = |name: &str, l: &walcache_client::experiment::publish::Latency| {
+        let ratio = s.control_latency.p50_ms / l.p50_ms.max(1e-6);
+        println!("    {name:<22} {:>8.3}  {:>8.3}   {ratio:>6.1}x faster", l.p50_ms, l.p99_ms);
+    };
+    row("control (Postgres)", &s.control_latency);
+    for (name, c) in &s.candidates {
+        row(name, &c.latency);
     }
     for m in s.mismatch_samples.iter().take(5) {
         println!(

@@ -287,6 +287,9 @@ pub struct Client {
     options: ClientOptions,
     breaker: Arc<CircuitBreaker>,
     near: Option<moka::future::Cache<NearKey, Arc<WireAnswer>>>,
+    /// Answers from a view in this process instead of HTTP.
+    #[cfg(feature = "embedded")]
+    embedded: Option<Arc<crate::embedded::EmbeddedView>>,
 }
 
 impl std::fmt::Debug for Client {
@@ -317,7 +320,41 @@ impl Client {
         let near = options
             .near_cache
             .map(|n| moka::future::Cache::builder().max_capacity(n.capacity).time_to_live(n.ttl).build());
-        Ok(Client { http, base, breaker: Arc::new(CircuitBreaker::new(options.breaker)), options, near })
+        Ok(Client {
+            http,
+            base,
+            breaker: Arc::new(CircuitBreaker::new(options.breaker)),
+            options,
+            near,
+            #[cfg(feature = "embedded")]
+            embedded: None,
+        })
+    }
+
+    /// A client that answers `get` and `get_many` from `view`, in this process: no HTTP, no
+    /// near-cache (the view is already local), no breaker or retries (nothing to time out).
+    /// The answers, `as_of` and refusals are the remote API's. `status`, `export` and
+    /// `get_json` need a consumer's HTTP API and are refused.
+    #[cfg(feature = "embedded")]
+    pub fn embedded(view: Arc<crate::embedded::EmbeddedView>, options: ClientOptions) -> Result<Client, ClientError> {
+        let mut client =
+            Client::new("http://embedded.walcache.invalid/", ClientOptions { near_cache: None, ..options })?;
+        client.embedded = Some(view);
+        Ok(client)
+    }
+
+    /// Refuses what only a consumer's HTTP API can do, on an embedded client.
+    fn remote_only(&self, what: &str) -> Result<(), ClientError> {
+        #[cfg(feature = "embedded")]
+        if self.embedded.is_some() {
+            return Err(ClientError::Rejected {
+                status: 0,
+                code: "embedded".into(),
+                message: format!("{what} needs a walcache-consumer's HTTP API; this client reads an embedded view"),
+            });
+        }
+        let _ = what;
+        Ok(())
     }
 
     pub fn breaker(&self) -> &CircuitBreaker {
@@ -328,6 +365,20 @@ impl Client {
     pub(crate) fn count_answer(&self, source: &str, reason: &str) {
         if let Some(m) = &self.options.metrics {
             m.answers.with_label_values(&[source, reason]).inc();
+        }
+    }
+
+    #[cfg(feature = "embedded")]
+    fn count_read(&self, state: RowState) {
+        if let Some(m) = &self.options.metrics {
+            m.reads
+                .with_label_values(&[match state {
+                    RowState::Present => "present",
+                    RowState::Deleted => "deleted",
+                    RowState::Absent => "absent",
+                    RowState::Unknown => "unknown",
+                }])
+                .inc();
         }
     }
 
@@ -345,6 +396,13 @@ impl Client {
                 });
             }
         };
+        #[cfg(feature = "embedded")]
+        if let Some(view) = &self.embedded {
+            let read = view.read::<T>(std::slice::from_ref(&key_json), options).await?.pop();
+            let read = read.ok_or_else(|| ClientError::Decode("no answer for the key".into()))?;
+            self.count_read(read.state);
+            return Ok(read);
+        }
         let near_key = (T::CONTRACT, segment.clone());
         if options.min_lsn.is_none()
             && let Some(near) = &self.near
@@ -394,6 +452,7 @@ impl Client {
     /// Reads one row of any table as JSON (for tools that do not know the table's type):
     /// the whole answer (state, value, as_of, staleness).
     pub async fn get_json(&self, table: &str, key: &str, options: &ReadOptions) -> Result<Json, ClientError> {
+        self.remote_only("get_json")?;
         let mut url = self.base.clone();
         url.path_segments_mut()
             .map_err(|_| ClientError::Decode("base URL cannot have a path".into()))?
@@ -408,6 +467,17 @@ impl Client {
         keys: &[T::Key],
         options: &ReadOptions,
     ) -> Result<Vec<Read<T>>, ClientError> {
+        #[cfg(feature = "embedded")]
+        if let Some(view) = &self.embedded {
+            let keys = keys
+                .iter()
+                .map(serde_json::to_value)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| ClientError::Decode(format!("key: {e}")))?;
+            let reads = view.read::<T>(&keys, options).await?;
+            reads.iter().for_each(|r| self.count_read(r.state));
+            return Ok(reads);
+        }
         let mut url = self.base.clone();
         url.path_segments_mut().map_err(|_| ClientError::Decode("base URL cannot have a path".into()))?.extend([
             "v1",
@@ -427,6 +497,7 @@ impl Client {
 
     /// The consumer's `/v1/status`.
     pub async fn status(&self) -> Result<Json, ClientError> {
+        self.remote_only("status")?;
         let mut url = self.base.clone();
         url.set_path("/v1/status");
         self.call(&ReadOptions::default(), || self.http.get(url.clone())).await
@@ -435,6 +506,7 @@ impl Client {
     /// Streams a table's export (one JSON object per held key) into `visit`; returns the
     /// header line (view LSN and time, whether anything was evicted).
     pub async fn export(&self, table: &str, mut visit: impl FnMut(Json)) -> Result<Json, ClientError> {
+        self.remote_only("export")?;
         use futures::StreamExt;
         let mut url = self.base.clone();
         url.path_segments_mut()

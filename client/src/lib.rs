@@ -14,6 +14,8 @@
 
 pub mod breaker;
 mod client;
+#[cfg(feature = "embedded")]
+pub mod embedded;
 mod error;
 pub mod experiment;
 mod fallback;
@@ -25,6 +27,8 @@ pub use breaker::{BreakerConfig, BreakerState, CircuitBreaker};
 #[cfg(feature = "postgres")]
 pub use client::current_lsn;
 pub use client::{AsOf, Client, ClientOptions, NearCacheOptions, Read, ReadOptions, RowState, Wire};
+#[cfg(feature = "embedded")]
+pub use embedded::EmbeddedView;
 pub use error::ClientError;
 pub use fallback::{Answer, Fallback, FallbackError, FallbackReason, OnRejected, Source};
 pub use metrics::ClientMetrics;

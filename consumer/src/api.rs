@@ -31,11 +31,11 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value as Json, json};
 use walcache_common::config::Secret;
-use walcache_schemas::{Lsn, Position, micros_to_rfc3339, now_micros};
+use walcache_schemas::{Lsn, Position, micros_to_rfc3339};
 
-use crate::store::{Held, Lookup};
+use crate::read::{self, Consistency, KeyAnswer, Refusal, ViewAsOf, key_answer};
+use crate::store::Held;
 use crate::view::{TableView, View};
-use crate::watermark::Coverage;
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
@@ -182,116 +182,45 @@ pub struct ReadOptions {
     pub max_staleness_ms: Option<u64>,
 }
 
-/// The view's side of an answer.
-#[derive(Debug, Clone, Copy)]
-struct ViewAsOf {
-    coverage: Option<Coverage>,
-    staleness_ms: Option<i64>,
+fn view_json(view: &ViewAsOf) -> Json {
+    json!({
+        "view_lsn": view.coverage.map(|c| c.lsn),
+        "view_time": view.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)),
+        "staleness_ms": view.staleness_ms,
+    })
 }
 
-impl ViewAsOf {
-    fn of(coverage: Option<Coverage>) -> Self {
-        ViewAsOf { coverage, staleness_ms: coverage.map(|c| ((now_micros() - c.commit_ts_micros) / 1000).max(0)) }
-    }
-
-    fn json(&self) -> Json {
-        json!({
-            "view_lsn": self.coverage.map(|c| c.lsn),
-            "view_time": self.coverage.map(|c| micros_to_rfc3339(c.commit_ts_micros)),
-            "staleness_ms": self.staleness_ms,
-        })
+impl From<Refusal> for ApiError {
+    fn from(refusal: Refusal) -> Self {
+        let details = match &refusal {
+            Refusal::MinLsnNotReached { min_lsn, view_lsn, waited } => json!({
+                "min_lsn": min_lsn,
+                "view_lsn": view_lsn,
+                "waited_ms": waited.as_millis() as u64,
+            }),
+            Refusal::TooStale { staleness_ms, max_staleness_ms } => {
+                json!({ "staleness_ms": staleness_ms, "max_staleness_ms": max_staleness_ms })
+            }
+            _ => Json::Null,
+        };
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, refusal.code(), refusal.to_string()).with(details)
     }
 }
 
 async fn consistent_view(api: &Api, table: &TableView, options: &ReadOptions) -> Result<ViewAsOf, ApiError> {
-    let view = &api.view;
-    if let Some(b) = view.blocked() {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "blocked",
-            format!(
-                "the view stopped at {}/{}/{}: {}; it cannot vouch for anything past it",
-                b.topic, b.partition, b.offset, b.reason
-            ),
-        ));
-    }
-    if !view.is_ready() {
-        let r = view.restore();
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not_ready",
-            format!(
-                "the view is restoring from the topics ({}%); answers would be incomplete",
-                if r.total > 0 { 100 * r.done / r.total } else { 0 }
-            ),
-        ));
-    }
-    if let Some(text) = &options.min_lsn {
-        let min: Lsn = text.parse().map_err(|e: walcache_schemas::position::ParseLsnError| {
+    let min_lsn = match &options.min_lsn {
+        Some(text) => Some(text.parse::<Lsn>().map_err(|e: walcache_schemas::position::ParseLsnError| {
             ApiError::new(StatusCode::BAD_REQUEST, "bad_min_lsn", e.to_string())
-        })?;
-        let budget = Duration::from_millis(options.wait_ms.unwrap_or(1000)).min(api.max_wait);
-        let already = table.coverage().is_some_and(|c| c.lsn >= min);
-        // A read that has to wait holds a permit: waiting reads are cheap, but not free.
-        let _permit = if already {
-            None
-        } else {
-            Some(Arc::clone(&api.waiting).try_acquire_owned().map_err(|_| {
-                ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "too_many_waiting",
-                    "too many reads are waiting for a min_lsn; retry, or read without min_lsn",
-                )
-            })?)
-        };
-        let started = Instant::now();
-        let mut rx = table.subscribe_coverage();
-        let reached = tokio::time::timeout(budget, async {
-            loop {
-                if rx.borrow_and_update().is_some_and(|c| c.lsn >= min) {
-                    return true;
-                }
-                if rx.changed().await.is_err() {
-                    return false;
-                }
-            }
-        })
-        .await
-        .unwrap_or(false);
-        if !reached {
-            let now = ViewAsOf::of(table.coverage());
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "min_lsn_not_reached",
-                format!("the view did not reach LSN {min} within {} ms", started.elapsed().as_millis()),
-            )
-            .with(json!({
-                "min_lsn": min,
-                "view_lsn": now.coverage.map(|c| c.lsn),
-                "waited_ms": started.elapsed().as_millis() as u64,
-            })));
-        }
-    }
-    let now = ViewAsOf::of(table.coverage());
-    if let Some(max) = options.max_staleness_ms {
-        let too_old = now.staleness_ms.is_none_or(|s| s > max as i64);
-        if too_old {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "too_stale",
-                match now.staleness_ms {
-                    Some(s) => format!("the view is {s} ms old, more than the {max} ms asked for"),
-                    None => "the view has no watermark yet, so its age is unknown".into(),
-                },
-            )
-            .with(json!({ "staleness_ms": now.staleness_ms, "max_staleness_ms": max })));
-        }
-    }
-    Ok(now)
+        })?),
+        None => None,
+    };
+    let demand = Consistency {
+        min_lsn,
+        wait: Duration::from_millis(options.wait_ms.unwrap_or(1000)).min(api.max_wait),
+        max_staleness: options.max_staleness_ms.map(Duration::from_millis),
+    };
+    Ok(read::consistent_view(&api.view, table, &demand, Some(&api.waiting)).await?)
 }
-
-/// Why a key of a table no watermark covers yet reads unknown.
-pub const NOT_COVERED: &str = "not_covered";
 
 fn table<'a>(api: &'a Api, name: &str) -> Result<&'a TableView, ApiError> {
     api.view.table(name).ok_or_else(|| {
@@ -313,29 +242,6 @@ fn position_json(p: &Position) -> Json {
     })
 }
 
-/// What the view holds for one key, before it is written as JSON or Avro.
-struct KeyAnswer {
-    state: &'static str,
-    /// The row's Avro datum (reader version), when present.
-    row: Option<Vec<u8>>,
-    position: Option<Position>,
-    reason: Option<String>,
-}
-
-fn key_answer(t: &TableView, key_body: &[u8], view: &ViewAsOf, metrics: &crate::metrics::Metrics) -> KeyAnswer {
-    let (state, row, position, reason) = match t.store.get(key_body) {
-        Lookup::Present { row, position } => ("present", Some(row), Some(position), None),
-        Lookup::Deleted { position } => ("deleted", None, Some(position), None),
-        // Absent means "no such row as of the view's LSN": without coverage (the table's first
-        // copy still runs) there is no such LSN to vouch for.
-        Lookup::Absent if view.coverage.is_none() => ("unknown", None, None, Some(NOT_COVERED.to_string())),
-        Lookup::Absent => ("absent", None, None, None),
-        Lookup::Unknown { position, reason } => ("unknown", None, position, Some(reason)),
-    };
-    metrics.lookups.with_label_values(&[&t.spec.name, state]).inc();
-    KeyAnswer { state, row, position, reason }
-}
-
 /// One key's answer, as JSON, and its state name.
 fn answer(
     t: &TableView,
@@ -345,6 +251,7 @@ fn answer(
     metrics: &crate::metrics::Metrics,
 ) -> (Json, &'static str) {
     let KeyAnswer { state, row, position: row_pos, reason } = key_answer(t, key_body, view, metrics);
+    let state = state.as_str();
     let (state, value, reason) = match row.map(|r| t.spec.reader.row.row_to_json(&r)) {
         Some(Ok(v)) => (state, Json::Object(v), reason),
         Some(Err(_)) => ("unknown", Json::Null, Some("undecodable_row".to_string())),
@@ -372,6 +279,7 @@ fn answer(
 fn avro_answer(t: &TableView, key_body: &[u8], view: &ViewAsOf, metrics: &crate::metrics::Metrics) -> Response {
     use walcache_schemas::wire;
     let KeyAnswer { state, row, position, reason } = key_answer(t, key_body, view, metrics);
+    let state = state.as_str();
     let mut headers = axum::http::HeaderMap::new();
     let mut put = |name: &'static str, value: String| {
         if let Ok(v) = header::HeaderValue::from_str(&value) {
@@ -506,7 +414,7 @@ async fn batch(
         bodies.iter().zip(request.keys).map(|(body, key)| answer(t, body, key, &view, &api.view.metrics).0).collect();
     Ok(axum::Json(json!({
         "table": t.spec.name,
-        "view": view.json(),
+        "view": view_json(&view),
         "results": results,
     }))
     .into_response())
@@ -580,7 +488,7 @@ async fn status(State(api): State<Api>) -> Response {
                 "contract": t.spec.contract.name,
                 "contract_version": t.spec.reader.version,
                 "producer": t.producer(),
-                "view": ViewAsOf::of(t.coverage()).json(),
+                "view": view_json(&ViewAsOf::of(t.coverage())),
                 "entries": s.live.load(std::sync::atomic::Ordering::Relaxed),
                 "tombstones": s.tombstones.load(std::sync::atomic::Ordering::Relaxed),
                 "unknown": s.unknown.load(std::sync::atomic::Ordering::Relaxed),
@@ -600,7 +508,7 @@ async fn status(State(api): State<Api>) -> Response {
         "blocked": view.blocked().map(|b| json!({ "topic": b.topic, "partition": b.partition, "offset": b.offset, "reason": b.reason })),
         "restore": { "done": restore.done, "total": restore.total, "events": restore.events, "seconds": restore.seconds },
         // Every table's, when one producer feeds them all; per table under "tables" otherwise.
-        "view": ViewAsOf::of(view.shared_coverage()).json(),
+        "view": view_json(&ViewAsOf::of(view.shared_coverage())),
         "tables": tables,
         "partitions": partitions,
         "dead_letters": view.dead_letters.load(std::sync::atomic::Ordering::Relaxed),

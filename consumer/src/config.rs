@@ -218,13 +218,9 @@ pub struct TableSpec {
 
 impl ConsumerConfig {
     pub fn validate(&self) -> Result<(), ConsumerError> {
-        self.kafka.validate()?;
-        self.table_specs()?;
+        self.validate_view()?;
         if self.http.max_batch == 0 {
             return Err(ConsumerError::Config("http.max_batch must be at least 1".into()));
-        }
-        if self.cache.capacity < 1 << 20 {
-            return Err(ConsumerError::Config("cache.capacity below 1MiB leaves no room for a view".into()));
         }
         let http = &self.http;
         if self.auth_token()?.is_none() && !http.listen.ip().is_loopback() && !http.allow_unauthenticated {
@@ -249,6 +245,17 @@ impl ConsumerConfig {
                 "http.max_concurrent_requests and http.max_waiting must be at least 1, http.max_body_bytes at least 1KiB"
                     .into(),
             ));
+        }
+        Ok(())
+    }
+
+    /// Checks what a view needs (Kafka, tables, cache), not the HTTP server: an embedded view
+    /// has none.
+    pub fn validate_view(&self) -> Result<(), ConsumerError> {
+        self.kafka.validate()?;
+        self.table_specs()?;
+        if self.cache.capacity < 1 << 20 {
+            return Err(ConsumerError::Config("cache.capacity below 1MiB leaves no room for a view".into()));
         }
         Ok(())
     }

@@ -58,6 +58,15 @@ instance = "test-consumer"
         self.start_consumer_on(0, extra).await
     }
 
+    /// Starts an embedded view (walcache-client's, in this process) of this pipeline's topics;
+    /// `extra` is appended TOML, as for a consumer. It does not publish dead letters (the
+    /// test's consumers do).
+    pub fn start_embedded(&self, extra: &str) -> std::sync::Arc<walcache_client::EmbeddedView> {
+        let mut config: ConsumerConfig = toml::from_str(&self.consumer_toml(extra)).expect("consumer config parses");
+        config.dead_letter.publish = false;
+        walcache_client::EmbeddedView::start(config).expect("embedded view starts")
+    }
+
     /// Starts a consumer listening on `port` (0: any).
     pub async fn start_consumer_on(&self, port: u16, extra: &str) -> TestConsumer {
         let toml = self.consumer_toml(extra).replace("127.0.0.1:0", &format!("127.0.0.1:{port}"));

@@ -30,10 +30,11 @@ fn client(base: &str) -> Client {
     .expect("client")
 }
 
-/// The binary (Avro) answer and the JSON answer of the same view say the same thing, for every
-/// state a key can be in; read-your-writes and staleness refusals travel the same way.
+/// The three read paths (remote Avro, remote JSON, the embedded view in this process) say the
+/// same thing about the same topics, for every state a key can be in; read-your-writes and
+/// staleness refusals travel the same way on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn avro_and_json_reads_give_the_same_answers_in_every_state() {
+async fn every_read_path_gives_the_same_answers_in_every_state() {
     let db = TestDb::create().await;
     db.seed(1, 300).await;
     let p = Pipeline::new(&db);
@@ -42,11 +43,14 @@ async fn avro_and_json_reads_give_the_same_answers_in_every_state() {
     let pg = db.client().await;
     pg.batch_execute("DELETE FROM courier_performance WHERE courier_id = 5").await.expect("delete");
     let consumer = p.start_consumer("").await;
+    let view = p.start_embedded("");
     consumer.wait_ready(Duration::from_secs(60)).await;
+    view.wait_ready(Duration::from_secs(60)).await.expect("the embedded view restores");
     let lsn = walcache_client::current_lsn(&pg).await.expect("lsn");
     let options = |wire| ClientOptions::default().timeout(Duration::from_secs(5)).wire(wire);
     let avro = Client::new(&consumer.base, options(Wire::Avro)).expect("client");
     let json = Client::new(&consumer.base, options(Wire::Json)).expect("client");
+    let embedded = Client::embedded(Arc::clone(&view), ClientOptions::default()).expect("client");
     let covered = ReadOptions::default().min_lsn(lsn).wait(Duration::from_secs(30));
     // Key 11 becomes unknown: a change set aside upstream (an unavailable marker).
     let registry = Registry::builtin().expect("registry");
@@ -70,43 +74,124 @@ async fn avro_and_json_reads_give_the_same_answers_in_every_state() {
         "public.courier_performance",
     );
     produce(&p.kafka, &p.topic, None, Some(&key), Some(&marker)).await;
-    wait_for("key 11 to read unknown", Duration::from_secs(60), || async {
-        let read = json.get::<CourierPerformance>(&11, &ReadOptions::default()).await.ok()?;
-        (read.state == RowState::Unknown).then_some(())
-    })
-    .await;
+    for (path, client) in [("json", &json), ("embedded", &embedded)] {
+        wait_for(&format!("key 11 to read unknown ({path})"), Duration::from_secs(60), || async {
+            let read = client.get::<CourierPerformance>(&11, &ReadOptions::default()).await.ok()?;
+            (read.state == RowState::Unknown).then_some(())
+        })
+        .await;
+    }
+    let keys = [7, 5, 99_999, 11];
     let mut states = Vec::new();
-    for key in [7, 5, 99_999, 11] {
+    for key in keys {
         let a = avro.get::<CourierPerformance>(&key, &covered).await.expect("avro read");
         let j = json.get::<CourierPerformance>(&key, &covered).await.expect("json read");
-        assert_eq!(a.value, j.value, "key {key}");
-        assert_eq!(a.state, j.state, "key {key}");
-        assert_eq!(
-            (a.as_of.row_lsn, a.as_of.row_txid, a.as_of.row_commit_time),
-            (j.as_of.row_lsn, j.as_of.row_txid, j.as_of.row_commit_time),
-            "key {key}"
-        );
+        let e = embedded.get::<CourierPerformance>(&key, &covered).await.expect("embedded read");
+        for (path, other) in [("avro", &a), ("embedded", &e)] {
+            assert_eq!(other.value, j.value, "key {key}, {path} vs json");
+            assert_eq!(other.state, j.state, "key {key}, {path} vs json");
+            assert_eq!(
+                (other.as_of.row_lsn, other.as_of.row_txid, other.as_of.row_commit_time),
+                (j.as_of.row_lsn, j.as_of.row_txid, j.as_of.row_commit_time),
+                "key {key}, {path} vs json"
+            );
+            assert!(other.as_of.view_lsn.is_some_and(|v| v >= lsn), "key {key}, {path}: {other:?}");
+        }
         // The view may move on between the two reads, never back.
-        assert!(a.as_of.view_lsn.is_some() && a.as_of.view_lsn <= j.as_of.view_lsn, "key {key}: {a:?} {j:?}");
+        assert!(a.as_of.view_lsn <= j.as_of.view_lsn, "key {key}: {a:?} {j:?}");
         states.push(a.state);
     }
     assert_eq!(states, [RowState::Present, RowState::Deleted, RowState::Absent, RowState::Unknown]);
+    let many = embedded.get_many::<CourierPerformance>(&keys, &covered).await.expect("embedded batch");
+    let remote_many = json.get_many::<CourierPerformance>(&keys, &covered).await.expect("remote batch");
+    assert_eq!(many.iter().map(|r| r.state).collect::<Vec<_>>(), states, "a batch answers like single reads");
+    assert_eq!(
+        many.iter().map(|r| (&r.value, r.as_of.row_lsn)).collect::<Vec<_>>(),
+        remote_many.iter().map(|r| (&r.value, r.as_of.row_lsn)).collect::<Vec<_>>(),
+        "embedded and remote batches agree"
+    );
     let row = avro.get::<CourierPerformance>(&7, &covered).await.expect("read").value.expect("present");
     let deliveries: i32 =
         pg.query_one("SELECT deliveries FROM courier_performance WHERE courier_id = 7", &[]).await.expect("row").get(0);
     assert_eq!(i64::from(deliveries), i64::from(row.deliveries), "the Avro row decodes to what Postgres holds");
 
-    // Refusals are the same errors on both paths.
+    // Read your writes in process: the embedded read waits for the view to cover the commit.
+    pg.execute("UPDATE courier_performance SET deliveries = 4242 WHERE courier_id = 8", &[]).await.expect("update");
+    let written = walcache_client::current_lsn(&pg).await.expect("lsn");
+    let own = ReadOptions::default().min_lsn(written).wait(Duration::from_secs(30));
+    let read = embedded.get::<CourierPerformance>(&8, &own).await.expect("read your write");
+    assert_eq!(read.value.map(|v| v.deliveries), Some(4242), "{:?}", read.as_of);
+    assert!(read.as_of.row_lsn.is_some_and(|l| l <= written) && read.as_of.view_lsn.is_some_and(|v| v >= written));
+
+    // Refusals are the same errors on every path.
     let ahead =
         ReadOptions::default().min_lsn(walcache_client::Lsn(lsn.0 + (1 << 40))).wait(Duration::from_millis(200));
-    assert!(matches!(avro.get::<CourierPerformance>(&7, &ahead).await, Err(ClientError::MinLsnNotReached(_))));
-    // (A view exactly 0 ms old passes a 0 ms bound: ask until a read finds it older.)
-    let strict = ReadOptions::default().max_staleness(Duration::ZERO);
-    wait_for("a too-stale refusal", Duration::from_secs(30), || async {
-        matches!(avro.get::<CourierPerformance>(&7, &strict).await, Err(ClientError::TooStale(_))).then_some(())
-    })
-    .await;
+    for (path, client) in [("avro", &avro), ("embedded", &embedded)] {
+        let refused = client.get::<CourierPerformance>(&7, &ahead).await;
+        assert!(matches!(refused, Err(ClientError::MinLsnNotReached(_))), "{path}: {refused:?}");
+        // (A view exactly 0 ms old passes a 0 ms bound: ask until a read finds it older.)
+        let strict = ReadOptions::default().max_staleness(Duration::ZERO);
+        wait_for(&format!("a too-stale refusal ({path})"), Duration::from_secs(30), || async {
+            matches!(client.get::<CourierPerformance>(&7, &strict).await, Err(ClientError::TooStale(_))).then_some(())
+        })
+        .await;
+    }
+    assert!(
+        matches!(embedded.status().await, Err(ClientError::Rejected { ref code, .. }) if code == "embedded"),
+        "status needs a consumer's HTTP API"
+    );
+    view.stop().await.expect("the embedded view stops cleanly");
     consumer.stop().await;
+    producer.stop().await.expect("drain");
+}
+
+/// An embedded view holds no more than its `cache.capacity`: past it, evicted keys read unknown,
+/// never absent, and never an old value; and until it has restored it answers not ready.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bounded_embedded_view_says_unknown_not_absent_and_not_ready_until_restored() {
+    let db = TestDb::create().await;
+    db.seed(1, 20_000).await;
+    let p = Pipeline::new(&db);
+    let producer = p.start_in_process();
+    producer.wait_ready(Duration::from_secs(120)).await;
+    let pg = db.client().await;
+    let lsn = walcache_client::current_lsn(&pg).await.expect("lsn");
+    let view = p.start_embedded("[cache]\ncapacity = \"1MiB\"\npages = 4096");
+    let embedded = Client::embedded(Arc::clone(&view), ClientOptions::default()).expect("client");
+    let early = embedded.get::<CourierPerformance>(&1, &ReadOptions::default()).await;
+    if !view.is_ready() {
+        assert!(matches!(early, Err(ClientError::NotReady(_))), "before the restore: {early:?}");
+    }
+    view.wait_ready(Duration::from_secs(120)).await.expect("restores");
+    let covered = ReadOptions::default().min_lsn(lsn).wait(Duration::from_secs(60));
+    let keys: Vec<i64> = (1..=20_000).step_by(7).collect();
+    let truth: std::collections::HashMap<i64, i32> = pg
+        .query("SELECT courier_id, deliveries FROM courier_performance", &[])
+        .await
+        .expect("table")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    // The cache evicts in its maintenance runs, which reads drive too: read until it has.
+    let mut unknown = 0;
+    let started = std::time::Instant::now();
+    while unknown == 0 && started.elapsed() < Duration::from_secs(60) {
+        let reads = embedded.get_many::<CourierPerformance>(&keys, &covered).await.expect("batch");
+        for (key, read) in keys.iter().zip(&reads) {
+            match read.state {
+                RowState::Unknown => unknown += 1,
+                RowState::Present => assert_eq!(
+                    read.value.as_ref().map(|v| v.deliveries),
+                    truth.get(key).copied(),
+                    "key {key}: a held value is Postgres's"
+                ),
+                other => panic!("key {key} exists in Postgres; the view answered {other:?}"),
+            }
+        }
+    }
+    assert!(unknown > 0, "20k rows do not fit in 1 MiB: some keys must read unknown");
+    assert!(unknown < keys.len(), "the view still holds what fits");
+    view.stop().await.expect("stops");
     producer.stop().await.expect("drain");
 }
 

@@ -756,23 +756,9 @@ async fn pg_reads(p: &Pipeline, keys: Keys, seconds: u64) -> LoadResult {
     .await
 }
 
-async fn client_reads(
-    consumer: &walcache_tests::consumer::TestConsumer,
-    near_cache: Option<walcache_client::NearCacheOptions>,
-    wire: walcache_client::Wire,
-    keys: Keys,
-    seconds: u64,
-) -> Result<LoadResult> {
-    let options = walcache_client::ClientOptions::default().wire(wire);
-    let client = walcache_client::Client::new(
-        &consumer.base,
-        match near_cache {
-            Some(near) => options.near_cache(near),
-            None => options,
-        },
-    )?;
+async fn client_reads(client: walcache_client::Client, keys: Keys, seconds: u64) -> LoadResult {
     let until = Instant::now() + Duration::from_secs(seconds);
-    Ok(load(seconds, READ_CONCURRENCY, move |_| {
+    load(seconds, READ_CONCURRENCY, move |_| {
         let client = client.clone();
         async move {
             let mut out = Vec::new();
@@ -785,28 +771,39 @@ async fn client_reads(
             out
         }
     })
-    .await)
+    .await
 }
 
 /// Reads at concurrency 16, each walcache path beside a PK query through tokio-postgres on the
-/// same keys: the cache over HTTP (uniform keys), the client's near-cache (hot set), and redis
-/// GET throughput (when redis-benchmark is installed).
+/// same keys: the cache over HTTP (Avro and JSON, uniform keys), the client's near-cache (hot
+/// set), the embedded view (uniform keys, in this process), and redis GET throughput (when
+/// redis-benchmark is installed).
 async fn read(
     p: &Pipeline,
     consumer: &walcache_tests::consumer::TestConsumer,
     rows: i64,
     seconds: u64,
 ) -> Result<Vec<Line>> {
-    let near = walcache_client::NearCacheOptions::new(200_000, Duration::from_secs(1));
+    use walcache_client::{Client, ClientOptions, NearCacheOptions, Wire};
+    let near = NearCacheOptions::new(200_000, Duration::from_secs(1));
+    let embedded_view = p.start_embedded("");
+    embedded_view.wait_ready(Duration::from_secs(600)).await?;
+    let remote = |options: ClientOptions| Client::new(&consumer.base, options);
+    let paths = [
+        ("HTTP Avro", remote(ClientOptions::default().wire(Wire::Avro))?, Keys::Uniform(rows), 10.0),
+        ("HTTP JSON", remote(ClientOptions::default().wire(Wire::Json))?, Keys::Uniform(rows), 10.0),
+        ("near-cache, 1s TTL", remote(ClientOptions::default().near_cache(near))?, Keys::Hot(1000.min(rows)), 10.0),
+        (
+            "embedded view",
+            Client::embedded(Arc::clone(&embedded_view), ClientOptions::default())?,
+            Keys::Uniform(rows),
+            100.0,
+        ),
+    ];
     let mut results = Vec::new();
-    use walcache_client::Wire;
-    for (label, near_cache, wire, keys) in [
-        ("HTTP Avro", None, Wire::Avro, Keys::Uniform(rows)),
-        ("HTTP JSON", None, Wire::Json, Keys::Uniform(rows)),
-        ("near-cache, 1s TTL", Some(near), Wire::Avro, Keys::Hot(1000.min(rows))),
-    ] {
+    for (label, client, keys, target) in paths {
         let pg = pg_reads(p, keys, seconds).await;
-        let ours = client_reads(consumer, near_cache, wire, keys, seconds).await?;
+        let ours = client_reads(client, keys, seconds).await;
         for (who, r) in [("postgres PK query", &pg), ("walcache-client get", &ours)] {
             println!(
                 "read ({}): {who} ({label}) {}/s, p50 {:.0} us, p99 {:.0} us",
@@ -816,23 +813,24 @@ async fn read(
                 r.p99_us
             );
         }
-        results.push((label, keys, pg, ours));
+        results.push((label, keys, pg, ours, target));
     }
+    embedded_view.stop().await?;
     let mut lines = Vec::new();
-    for (label, keys, pg, r) in &results {
+    for (label, keys, pg, r, target) in &results {
         let speedup = pg.p50_us / r.p50_us.max(0.001);
         lines.push(Line {
             what: format!("get p50, c=16, {label}, {}", keys.label()),
             baseline: format!("tokio-postgres PK query {:.0} us", pg.p50_us),
-            ours: format!("{:.0} us (p99 {:.0} us, {}/s)", r.p50_us, r.p99_us, k(r.per_sec)),
+            ours: format!("{:.1} us (p99 {:.0} us, {}/s)", r.p50_us, r.p99_us, k(r.per_sec)),
             ratio: Some(speedup),
-            target: ">= 10x".into(),
-            ok: Some(speedup >= 10.0),
+            target: format!(">= {target}x"),
+            ok: Some(speedup >= *target),
         });
     }
     match redis_get_rate(rows) {
         Some(redis) => {
-            for (label, _, _, r) in &results {
+            for (label, _, _, r, _) in &results {
                 lines.push(Line {
                     what: format!("get throughput, c=16 ({label})"),
                     baseline: format!("redis GET (redis-benchmark) {}/s", k(redis)),

@@ -101,10 +101,15 @@ async fn main() -> Result<()> {
     Command::new(&cli).args(["--url", &url, "get", "courier_performance", "42"]).status()?;
 
     println!("\n-- 5. 8 seconds of Incentives writes; meanwhile Payments pays deliveries with an experiment:");
-    println!("      control = the old synchronous read from Postgres (its answer is used), candidate = the cache");
+    println!("      control = the old synchronous read from Postgres (its answer is used); candidates = the cache's");
+    println!(
+        "      read paths: remote Avro, remote JSON, near-cache (200 ms TTL), embedded view (in the payments process)"
+    );
     let pg_url = format!("postgres://postgres:{}@127.0.0.1:{}/{}", env.pg_password, env.pg_port, db.name);
     let payments = Command::new(walcache_tests::example("payments"))
         .args(["--postgres", &pg_url, "--cache", &url, "--seconds", "8", "--rate", "150"])
+        .args(["--paths", "avro,json,near,embedded", "--embedded"])
+        .arg(&consumer_path)
         .args(["--summary-file"])
         .arg(dir.join("payments-experiment.json"))
         .stdout(Stdio::piped())
