@@ -15,7 +15,8 @@
 //! reads cache-first with the old call as fallback and reports which path answered.
 //!
 //! `--paths` picks the cache's read paths the experiment measures, each a candidate beside the
-//! control: `avro` (remote, binary), `json` (remote), `near` (remote with a near-cache),
+//! control: `avro` (remote, binary), `json` (remote), `near` (remote with a near-cache that
+//! follows the consumer's invalidations),
 //! `embedded` (the view in this process; needs `--embedded`, the consumer's TOML config). In
 //! `--mode cache`, `--embedded` makes the cache reads embedded.
 //!
@@ -144,7 +145,8 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(connection);
     let pg = Arc::new(pg);
     let options = ClientOptions::default().timeout(Duration::from_millis(250));
-    let near = NearCacheOptions::new(10_000, Duration::from_millis(200));
+    // Held while the consumer's invalidations flow; 200 ms when they do not.
+    let near = NearCacheOptions::new(10_000, Duration::from_millis(200)).follow_invalidations(Duration::from_secs(600));
     let view = match &args.embedded {
         Some(path) => {
             let mut config: walcache_consumer::ConsumerConfig = walcache_common::config::load(Some(path))?;

@@ -17,6 +17,7 @@ use walcache_schemas::{Lsn, TableContract, wire};
 use crate::breaker::{BreakerConfig, BreakerState, CircuitBreaker, Permit};
 use crate::error::ClientError;
 use crate::metrics::ClientMetrics;
+use crate::near::Near;
 
 /// Client settings: start from `ClientOptions::default()` and change what you need.
 ///
@@ -124,17 +125,29 @@ impl ClientOptions {
     }
 }
 
-/// Near-cache settings: answers kept in process for `ttl`.
+/// Near-cache settings: answers kept in process for `ttl`, or up to `hold` while the
+/// consumer's invalidation stream is followed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct NearCacheOptions {
     pub capacity: u64,
     pub ttl: Duration,
+    /// Follow `/v1/invalidations` and keep entries up to this long while connected.
+    pub hold: Option<Duration>,
 }
 
 impl NearCacheOptions {
     pub fn new(capacity: u64, ttl: Duration) -> Self {
-        NearCacheOptions { capacity, ttl }
+        NearCacheOptions { capacity, ttl, hold: None }
+    }
+
+    /// Follow the consumer's invalidation stream (`GET /v1/invalidations`): while connected,
+    /// an entry lives up to `hold` and is answered as of the newest coverage the stream
+    /// announced; without the stream, entries live `ttl`. Create the client inside a Tokio
+    /// runtime (the stream is read by a task on it).
+    pub fn follow_invalidations(mut self, hold: Duration) -> Self {
+        self.hold = Some(hold);
+        self
     }
 }
 
@@ -217,20 +230,20 @@ pub struct Read<T> {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-struct WireAnswer {
-    state: String,
+pub(crate) struct WireAnswer {
+    pub(crate) state: String,
     #[serde(default)]
-    value: Json,
-    as_of: WireAsOf,
+    pub(crate) value: Json,
+    pub(crate) as_of: WireAsOf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-struct WireAsOf {
-    row_lsn: Option<Lsn>,
-    row_commit_time: Option<DateTime<Utc>>,
-    row_txid: Option<u64>,
-    view_lsn: Option<Lsn>,
-    view_time: Option<DateTime<Utc>>,
+pub(crate) struct WireAsOf {
+    pub(crate) row_lsn: Option<Lsn>,
+    pub(crate) row_commit_time: Option<DateTime<Utc>>,
+    pub(crate) row_txid: Option<u64>,
+    pub(crate) view_lsn: Option<Lsn>,
+    pub(crate) view_time: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -277,8 +290,6 @@ impl WireAnswer {
     }
 }
 
-type NearKey = (&'static str, String);
-
 /// A cache client. Cheap to clone; share one per process.
 #[derive(Clone)]
 pub struct Client {
@@ -286,7 +297,7 @@ pub struct Client {
     base: reqwest::Url,
     options: ClientOptions,
     breaker: Arc<CircuitBreaker>,
-    near: Option<moka::future::Cache<NearKey, Arc<WireAnswer>>>,
+    near: Option<Arc<Near>>,
     /// Answers from a view in this process instead of HTTP.
     #[cfg(feature = "embedded")]
     embedded: Option<Arc<crate::embedded::EmbeddedView>>,
@@ -317,9 +328,11 @@ impl Client {
             .tcp_nodelay(true)
             .build()
             .map_err(|e| ClientError::Transport(e.to_string()))?;
-        let near = options
-            .near_cache
-            .map(|n| moka::future::Cache::builder().max_capacity(n.capacity).time_to_live(n.ttl).build());
+        let near = options.near_cache.map(|n| {
+            let near = Near::new(n.capacity, n.ttl, n.hold);
+            near.follow(http.clone(), base.clone(), options.token.clone());
+            Arc::new(near)
+        });
         Ok(Client {
             http,
             base,
@@ -403,16 +416,17 @@ impl Client {
             self.count_read(read.state);
             return Ok(read);
         }
-        let near_key = (T::CONTRACT, segment.clone());
+        let near_key = (T::CONTRACT.to_string(), segment.clone());
         if options.min_lsn.is_none()
             && let Some(near) = &self.near
             && let Some(hit) = near.get(&near_key).await
         {
-            let read = hit.as_ref().clone().into_read::<T>(true)?;
+            let read = hit.into_read::<T>(true)?;
             if options.max_staleness.is_none_or(|max| read.as_of.staleness().is_some_and(|s| s <= max)) {
                 return Ok(read);
             }
         }
+        let pending = self.near.as_ref().map(|n| n.start(near_key));
         let mut url = self.base.clone();
         url.path_segments_mut().map_err(|_| ClientError::Decode("base URL cannot have a path".into()))?.extend([
             "v1",
@@ -422,29 +436,19 @@ impl Client {
             &segment,
         ]);
         append_options(&mut url, options);
-        let answer: WireAnswer = match self.options.wire {
-            Wire::Json => self.call(options, || self.http.get(url.clone())).await?,
+        let answer: Result<WireAnswer, ClientError> = match self.options.wire {
+            Wire::Json => self.call(options, || self.http.get(url.clone())).await,
             Wire::Avro => {
                 let request = || self.http.get(url.clone()).header(reqwest::header::ACCEPT, wire::AVRO_ROW_MEDIA_TYPE);
-                self.call_with(options, request, read_avro_answer::<T>).await?
+                self.call_with(options, request, read_avro_answer::<T>).await
             }
         };
+        if let (Some(near), Some(pending)) = (&self.near, pending) {
+            near.finish(pending, answer.as_ref().ok()).await;
+        }
+        let answer = answer?;
         if let Some(m) = &self.options.metrics {
             m.reads.with_label_values(&[answer.state.as_str()]).inc();
-        }
-        if let Some(near) = &self.near
-            && answer.state != "unknown"
-        {
-            // Concurrent reads of one key finish in any order: keep the newest view.
-            let fresh = Arc::new(answer.clone());
-            near.entry(near_key)
-                .and_compute_with(|held| async move {
-                    match held {
-                        Some(h) if h.value().as_of.view_lsn > fresh.as_of.view_lsn => moka::ops::compute::Op::Nop,
-                        _ => moka::ops::compute::Op::Put(fresh),
-                    }
-                })
-                .await;
         }
         answer.into_read(false)
     }

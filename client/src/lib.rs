@@ -20,6 +20,7 @@ mod error;
 pub mod experiment;
 mod fallback;
 pub mod metrics;
+mod near;
 #[cfg(feature = "postgres")]
 pub mod verify;
 

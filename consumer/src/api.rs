@@ -5,6 +5,7 @@
 //!  POST /v1/tables/{table}/batch        {"keys": [42, 43], "min_lsn": ..., "wait_ms": ..., "max_staleness_ms": ...}
 //!  GET  /v1/tables/{table}/export       NDJSON: every held key with its position (for verify)
 //!  GET  /v1/status                      positions, lag, watermark, readiness, entries, evictions
+//!  GET  /v1/invalidations               server-sent events: every key change and coverage, in apply order
 //!  GET  /healthz /readyz                (no token needed)
 //!  GET  /metrics                        (the token too, when the listener is not loopback)
 //! ```
@@ -36,6 +37,7 @@ use walcache_schemas::{Lsn, Position, micros_to_rfc3339};
 use crate::read::{self, Consistency, KeyAnswer, Refusal, ViewAsOf, key_answer};
 use crate::store::Held;
 use crate::view::{TableView, View};
+use crate::watermark::Coverage;
 
 /// Shared state of the HTTP handlers.
 #[derive(Clone)]
@@ -48,6 +50,10 @@ pub struct Api {
     pub max_wait: Duration,
     /// Permits for `min_lsn` reads waiting at once.
     pub waiting: Arc<tokio::sync::Semaphore>,
+    /// Permits for invalidation streams open at once.
+    pub streams: Arc<tokio::sync::Semaphore>,
+    /// Ends the invalidation streams on shutdown (they would hold a graceful shutdown open).
+    pub cancel: tokio_util::sync::CancellationToken,
     pub limits: Limits,
 }
 
@@ -110,6 +116,7 @@ pub fn router(api: Api) -> Router {
         .route("/v1/tables/{table}/batch", post(batch))
         .route("/v1/tables/{table}/export", get(export))
         .route("/v1/status", get(status))
+        .route("/v1/invalidations", get(invalidations))
         .layer(middleware::from_fn_with_state(api.clone(), authenticate))
         .layer(tower_http::limit::RequestBodyLimitLayer::new(limits.max_body_bytes))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
@@ -514,6 +521,71 @@ async fn status(State(api): State<Api>) -> Response {
         "dead_letters": view.dead_letters.load(std::sync::atomic::Ordering::Relaxed),
     }))
     .into_response()
+}
+
+/// The invalidation stream near-caches follow (server-sent events, one JSON object per event):
+///
+/// ```text
+///  {"type":"hello"}                                               first: drop everything held
+///  {"type":"coverage","table":"t","lsn":"0/16B3748","time_micros":..}   current coverage of each table, then every advance
+///  {"type":"key","table":"t","key":"42","lsn":"0/16B3700"}        the key changed (lsn null: it became unknown)
+///  {"type":"reset","table":"t"}                                   drop everything of t (null: of every table)
+/// ```
+///
+/// In apply order: when a client reads `coverage` X, it has read every key event up to X, so
+/// an entry not invalidated by then is still the view's answer as of X. A client too slow to
+/// keep up gets a `reset` rather than a gap.
+async fn invalidations(State(api): State<Api>) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use tokio::sync::broadcast::error::RecvError;
+
+    use crate::view::Invalidation;
+    let permit = Arc::clone(&api.streams).try_acquire_owned().map_err(|_| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too_many_streams",
+            "too many invalidation streams are open (http.max_invalidation_streams); near-caches fall back to their TTL",
+        )
+    })?;
+    // Subscribed before the coverage is read: nothing between the two is missed.
+    let rx = api.view.subscribe_invalidations();
+    let view = Arc::clone(&api.view);
+    let name = |i: usize| view.tables.get(i).map(|t| t.spec.name.clone());
+    let coverage_event = |table: Option<String>, c: &Coverage| json!({ "type": "coverage", "table": table, "lsn": c.lsn, "time_micros": c.commit_ts_micros });
+    let mut first = vec![json!({ "type": "hello" })];
+    for (i, t) in view.tables.iter().enumerate() {
+        if let Some(c) = t.coverage() {
+            first.push(coverage_event(name(i), &c));
+        }
+    }
+    let head = futures::stream::iter(first);
+    let state = (rx, Arc::clone(&view), permit, api.cancel.clone());
+    let tail = futures::stream::unfold(state, move |(mut rx, view, permit, cancel)| async move {
+        let name = |i: usize| view.tables.get(i).map(|t| t.spec.name.clone());
+        let received = tokio::select! {
+            _ = cancel.cancelled() => return None,
+            received = rx.recv() => received,
+        };
+        let event = match received {
+            Ok(Invalidation::Key { table, key, position }) => {
+                let key = view.tables.get(table).map(|t| match key_json_of(t, &key) {
+                    Json::String(s) => s,
+                    other => other.to_string(),
+                });
+                json!({ "type": "key", "table": name(table), "key": key, "lsn": position.map(|p| p.lsn) })
+            }
+            Ok(Invalidation::Coverage { table, coverage }) => {
+                json!({ "type": "coverage", "table": name(table), "lsn": coverage.lsn, "time_micros": coverage.commit_ts_micros })
+            }
+            Ok(Invalidation::Reset { table }) => json!({ "type": "reset", "table": name(table) }),
+            Err(RecvError::Lagged(_)) => json!({ "type": "reset", "table": null }),
+            Err(RecvError::Closed) => return None,
+        };
+        Some((event, (rx, view, permit, cancel)))
+    });
+    use futures::StreamExt;
+    let events = head.chain(tail).map(|e| Ok::<_, std::convert::Infallible>(Event::default().data(e.to_string())));
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response())
 }
 
 /// Fallback for unknown paths: a JSON 404.

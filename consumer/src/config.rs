@@ -127,6 +127,9 @@ pub struct HttpConfig {
     pub max_concurrent_requests: usize,
     /// `min_lsn` reads waiting at once; more are refused with 503 `too_many_waiting`.
     pub max_waiting: usize,
+    /// Invalidation streams (`/v1/invalidations`, one per near-caching client process) open at
+    /// once; more are refused with 503 `too_many_streams` and those clients fall back to their TTL.
+    pub max_invalidation_streams: usize,
     /// Largest request body (a batch of keys).
     pub max_body_bytes: usize,
     /// Largest batch get.
@@ -153,6 +156,7 @@ impl Default for HttpConfig {
             request_timeout: None,
             max_concurrent_requests: 1024,
             max_waiting: 256,
+            max_invalidation_streams: 256,
             max_body_bytes: 1 << 20,
             instance: None,
         }
@@ -240,9 +244,14 @@ impl ConsumerConfig {
                 http.max_wait
             )));
         }
-        if http.max_concurrent_requests == 0 || http.max_waiting == 0 || http.max_body_bytes < 1024 {
+        if http.max_concurrent_requests == 0
+            || http.max_waiting == 0
+            || http.max_invalidation_streams == 0
+            || http.max_body_bytes < 1024
+        {
             return Err(ConsumerError::Config(
-                "http.max_concurrent_requests and http.max_waiting must be at least 1, http.max_body_bytes at least 1KiB"
+                "http.max_concurrent_requests, http.max_waiting and http.max_invalidation_streams must be at least 1, \
+                 http.max_body_bytes at least 1KiB"
                     .into(),
             ));
         }

@@ -115,6 +115,7 @@ pub async fn start(
     let listen = http.listen;
     let (auth_token, export_token) = (config.auth_token()?, config.export_token()?);
     let waiting = Arc::new(tokio::sync::Semaphore::new(http.max_waiting));
+    let streams = Arc::new(tokio::sync::Semaphore::new(http.max_invalidation_streams));
     let (max_batch, max_wait) = (http.max_batch, http.max_wait);
     let limits = api::Limits {
         request_timeout: http.request_timeout(),
@@ -125,8 +126,17 @@ pub async fn start(
     // A child token: a listener that cannot bind stops this view, not the caller's tree.
     let following = follow(config, metrics, cancel.child_token())?;
     let view = Arc::clone(&following.view);
-    let api =
-        api::Api { view: Arc::clone(&view), token: auth_token, export_token, max_batch, max_wait, waiting, limits };
+    let api = api::Api {
+        view: Arc::clone(&view),
+        token: auth_token,
+        export_token,
+        max_batch,
+        max_wait,
+        waiting,
+        streams,
+        cancel: following.cancel.clone(),
+        limits,
+    };
     // Metrics name tables and topics: open on loopback, behind the token elsewhere.
     let metrics_routes = ops::metrics_router(metrics_registry);
     let metrics_routes = if listen.ip().is_loopback() || api.token.is_none() {

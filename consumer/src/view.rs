@@ -152,6 +152,21 @@ pub struct Blocked {
     pub reason: String,
 }
 
+/// A change a near-cache must hear about, in the order the view applied it: every key event
+/// before the coverage that includes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Invalidation {
+    /// The key of table `table` changed (or became unknown) at `position` (None: unknown).
+    Key { table: usize, key: Box<[u8]>, position: Option<Position> },
+    /// Table `table` is complete up to `coverage`: every change up to it was announced before.
+    Coverage { table: usize, coverage: Coverage },
+    /// Drop everything of table `table` (a truncate or a snapshot floor removed rows).
+    Reset { table: usize },
+}
+
+/// Announced changes waiting for slow subscribers; a subscriber further behind is told to reset.
+pub const INVALIDATION_BACKLOG: usize = 16_384;
+
 /// The view.
 #[derive(Debug)]
 pub struct View {
@@ -166,9 +181,22 @@ pub struct View {
     pub dead_letters: AtomicU64,
     pub metrics: Metrics,
     pub health: std::sync::Arc<Health>,
+    invalidations: tokio::sync::broadcast::Sender<Invalidation>,
 }
 
 impl View {
+    /// Every change from now on, in apply order ([`Invalidation`]).
+    pub fn subscribe_invalidations(&self) -> tokio::sync::broadcast::Receiver<Invalidation> {
+        self.invalidations.subscribe()
+    }
+
+    /// Announces a change; free while nobody listens (the common case, and every restore).
+    fn announce(&self, make: impl FnOnce() -> Invalidation) {
+        if self.invalidations.receiver_count() > 0 {
+            let _ = self.invalidations.send(make());
+        }
+    }
+
     pub fn new(specs: Vec<TableSpec>, cache: &CacheConfig, metrics: Metrics, health: std::sync::Arc<Health>) -> View {
         let tables: Vec<TableView> = specs
             .into_iter()
@@ -205,6 +233,7 @@ impl View {
             dead_letters: AtomicU64::new(0),
             metrics,
             health,
+            invalidations: tokio::sync::broadcast::channel(INVALIDATION_BACKLOG).0,
         }
     }
 
@@ -299,10 +328,12 @@ impl View {
         let due = t.pending_snapshot_floor.lock().ok().and_then(|mut p| p.take_if(|floor| floor.lsn <= coverage.lsn));
         if let Some(floor) = due {
             let removed = t.raise_floor(floor);
+            self.announce(|| Invalidation::Reset { table: index });
             tracing::info!(table = %t.spec.name, removed, snapshot_lsn = %floor.lsn, "snapshot complete: rows it did not copy again are gone");
         }
         self.metrics.view_lsn.with_label_values(&[&t.spec.name]).set(coverage.lsn.0 as f64);
         t.coverage.send_replace(Some(coverage));
+        self.announce(|| Invalidation::Coverage { table: index, coverage });
     }
 
     pub fn restore(&self) -> Restore {
@@ -359,6 +390,7 @@ impl View {
         let unreadable = |code: &'static str, reason: String| {
             if let Some(body) = key_body {
                 table.store.forget(body, code);
+                self.announce(|| Invalidation::Key { table: index, key: body.into(), position: None });
             }
             Outcome::Bad(BadMessage { reason_code: code, reason, key: key_json() })
         };
@@ -373,7 +405,7 @@ impl View {
             let Some(position) = header_position else {
                 return Outcome::Ignored("tombstone_without_position");
             };
-            return self.store(table, body, &position, Change::Delete, Op::Delete, now_micros);
+            return self.store(index, body, &position, Change::Delete, Op::Delete, now_micros);
         };
         let decoded = match registry.decode_value(contract, value) {
             Ok(d) => d,
@@ -399,6 +431,7 @@ impl View {
                 }
             } else {
                 let removed = table.raise_floor(env.position);
+                self.announce(|| Invalidation::Reset { table: index });
                 tracing::info!(table = %table.spec.name, removed, lsn = %env.position.lsn, "table truncated at the source");
             }
             return Outcome::Applied(Op::Truncate, env.position);
@@ -413,7 +446,11 @@ impl View {
                 return Outcome::Ignored("below_floor");
             }
             return match table.store.apply(body, &env.position, Change::Unavailable(reason), now_micros) {
-                Applied::Changed => Outcome::Unavailable(env.position),
+                Applied::Changed => {
+                    let position = Some(env.position);
+                    self.announce(|| Invalidation::Key { table: index, key: body.into(), position });
+                    Outcome::Unavailable(env.position)
+                }
                 Applied::Stale => Outcome::Ignored("not_newer"),
                 Applied::BelowForgotten => Outcome::Ignored("older_than_forgotten"),
             };
@@ -442,23 +479,19 @@ impl View {
             Some(r) => Change::Upsert(r),
             None => Change::Delete,
         };
-        self.store(table, body, &env.position, change, env.op, now_micros)
+        self.store(index, body, &env.position, change, env.op, now_micros)
     }
 
-    fn store(
-        &self,
-        table: &TableView,
-        key: &[u8],
-        position: &Position,
-        change: Change<'_>,
-        op: Op,
-        now: i64,
-    ) -> Outcome {
+    fn store(&self, index: usize, key: &[u8], position: &Position, change: Change<'_>, op: Op, now: i64) -> Outcome {
+        let table = &self.tables[index];
         if table.floor().is_some_and(|f| !position.is_newer_than(&f)) {
             return Outcome::Ignored("below_floor");
         }
         match table.store.apply(key, position, change, now) {
-            Applied::Changed => Outcome::Applied(op, *position),
+            Applied::Changed => {
+                self.announce(|| Invalidation::Key { table: index, key: key.into(), position: Some(*position) });
+                Outcome::Applied(op, *position)
+            }
             Applied::Stale => Outcome::Ignored("not_newer"),
             Applied::BelowForgotten => Outcome::Ignored("older_than_forgotten"),
         }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use walcache_client::verify::{Verdict, VerifyOptions, verify};
 use walcache_client::{
     BreakerConfig, BreakerState, Client, ClientError, ClientOptions, CourierPerformance, Fallback, FallbackReason,
-    ReadOptions, RowState, Source, Wire,
+    NearCacheOptions, ReadOptions, RowState, Source, Wire,
 };
 use walcache_schemas::{Op, Position, Registry, now_micros, write_envelope};
 use walcache_tests::kafka::produce;
@@ -192,6 +192,87 @@ async fn a_bounded_embedded_view_says_unknown_not_absent_and_not_ready_until_res
     assert!(unknown > 0, "20k rows do not fit in 1 MiB: some keys must read unknown");
     assert!(unknown < keys.len(), "the view still holds what fits");
     view.stop().await.expect("stops");
+    producer.stop().await.expect("drain");
+}
+
+/// A near-cache that follows the consumer's invalidation stream keeps entries far past its TTL
+/// and serves them as of the stream's newest coverage, yet never answers an old value as of a
+/// view that includes the change; when the stream is gone it falls back to its TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_following_invalidations_is_exact_as_of_every_answer() {
+    let (p, producer) = Pipeline::streaming(200).await;
+    let consumer = p.start_consumer("").await;
+    consumer.wait_ready(Duration::from_secs(60)).await;
+    let pg = p.db.client().await;
+    let ttl = Duration::from_millis(300);
+    let near = Client::new(
+        &consumer.base,
+        ClientOptions::default()
+            .timeout(Duration::from_secs(5))
+            .near_cache(NearCacheOptions::new(1000, ttl).follow_invalidations(Duration::from_secs(600))),
+    )
+    .expect("client");
+    let deliveries = |read: &walcache_client::Read<CourierPerformance>| read.value.as_ref().map(|v| v.deliveries);
+    // Held past the TTL once the stream is connected (its hello drops what came before).
+    wait_for("key 7 and key 8 held past the TTL", Duration::from_secs(60), || async {
+        let _ = near.get::<CourierPerformance>(&7, &ReadOptions::default()).await.ok()?;
+        let _ = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await.ok()?;
+        tokio::time::sleep(ttl * 2).await;
+        let a = near.get::<CourierPerformance>(&7, &ReadOptions::default()).await.ok()?;
+        let b = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await.ok()?;
+        (a.from_near_cache && b.from_near_cache).then_some(())
+    })
+    .await;
+    let before = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await.expect("read");
+
+    pg.execute("UPDATE courier_performance SET deliveries = 7777 WHERE courier_id = 7", &[]).await.expect("update");
+    let lsn = walcache_client::current_lsn(&pg).await.expect("lsn");
+    // Every answer is exact as of its as_of: one that claims a view at or past the update
+    // carries the update. (One below it may already carry it too: the view applies a change
+    // before a watermark covers it, and the answer's row_lsn says so.)
+    let mut hits_past_the_update = 0;
+    let started = std::time::Instant::now();
+    loop {
+        let read = near.get::<CourierPerformance>(&7, &ReadOptions::default()).await.expect("read");
+        if read.as_of.view_lsn.is_some_and(|v| v >= lsn) {
+            assert_eq!(
+                deliveries(&read),
+                Some(7777),
+                "an answer as of {:?} must carry the update at {lsn}",
+                read.as_of
+            );
+            hits_past_the_update += usize::from(read.from_near_cache);
+        }
+        if hits_past_the_update >= 3 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(60), "the update never reached the near-cache: {read:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An unchanged key stays held, and is now vouched for as of the newer coverage.
+    let after = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await.expect("read");
+    assert!(after.from_near_cache, "an unchanged key is not dropped: {after:?}");
+    assert!(after.as_of.view_lsn.is_some_and(|v| v >= lsn), "held as of the stream's coverage: {after:?}");
+    assert_eq!(after.value, before.value);
+    assert_eq!(after.as_of.row_lsn, before.as_of.row_lsn);
+
+    // A truncate drops every held entry (a reset): no answer as of a view past it is a row.
+    pg.batch_execute("TRUNCATE courier_performance").await.expect("truncate");
+    let truncated = walcache_client::current_lsn(&pg).await.expect("lsn");
+    wait_for("a view past the truncate", Duration::from_secs(60), || async {
+        let read = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await.ok()?;
+        let past = read.as_of.view_lsn.is_some_and(|v| v >= truncated);
+        assert!(!past || read.state != RowState::Present, "a row served as of {:?}, past the truncate", read.as_of);
+        past.then_some(())
+    })
+    .await;
+
+    // The stream gone, entries live only their TTL: the consumer is down, so a read past the
+    // TTL cannot be answered from memory.
+    consumer.stop().await;
+    tokio::time::sleep(ttl * 2).await;
+    let gone = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await;
+    assert!(gone.is_err(), "without invalidations an entry older than the TTL is not served: {gone:?}");
     producer.stop().await.expect("drain");
 }
 

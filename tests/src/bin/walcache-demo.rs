@@ -103,7 +103,7 @@ async fn main() -> Result<()> {
     println!("\n-- 5. 8 seconds of Incentives writes; meanwhile Payments pays deliveries with an experiment:");
     println!("      control = the old synchronous read from Postgres (its answer is used); candidates = the cache's");
     println!(
-        "      read paths: remote Avro, remote JSON, near-cache (200 ms TTL), embedded view (in the payments process)"
+        "      read paths: remote Avro, remote JSON, near-cache (following invalidations), embedded view (in the payments process)"
     );
     let pg_url = format!("postgres://postgres:{}@127.0.0.1:{}/{}", env.pg_password, env.pg_port, db.name);
     let payments = Command::new(walcache_tests::example("payments"))
