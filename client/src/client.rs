@@ -49,6 +49,9 @@ pub struct ClientOptions {
     pub metrics: Option<ClientMetrics>,
     /// How typed single-key reads travel.
     pub wire: Wire,
+    /// Speak HTTP/2 without TLS (h2c, prior knowledge): every read of this client multiplexed
+    /// on one connection per consumer instead of a pool of HTTP/1.1 connections.
+    pub http2: bool,
 }
 
 /// The form of a typed single-key read's answer.
@@ -75,6 +78,7 @@ impl Default for ClientOptions {
             token: None,
             metrics: None,
             wire: Wire::default(),
+            http2: false,
         }
     }
 }
@@ -121,6 +125,12 @@ impl ClientOptions {
 
     pub fn wire(mut self, wire: Wire) -> Self {
         self.wire = wire;
+        self
+    }
+
+    /// HTTP/2 without TLS (h2c): reads multiplexed on one connection.
+    pub fn http2(mut self) -> Self {
+        self.http2 = true;
         self
     }
 }
@@ -323,11 +333,9 @@ impl Client {
             code: "bad_url".into(),
             message: format!("{base_url:?} is not a URL: {e}"),
         })?;
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            .build()
-            .map_err(|e| ClientError::Transport(e.to_string()))?;
+        let builder = reqwest::Client::builder().pool_max_idle_per_host(64).tcp_nodelay(true);
+        let builder = if options.http2 { builder.http2_prior_knowledge() } else { builder };
+        let http = builder.build().map_err(|e| ClientError::Transport(e.to_string()))?;
         let near = options.near_cache.map(|n| {
             let near = Near::new(n.capacity, n.ttl, n.hold);
             near.follow(http.clone(), base.clone(), options.token.clone());

@@ -30,7 +30,7 @@ fn client(base: &str) -> Client {
     .expect("client")
 }
 
-/// The three read paths (remote Avro, remote JSON, the embedded view in this process) say the
+/// The read paths (remote Avro over HTTP/1.1 and h2c, remote JSON, the embedded view) say the
 /// same thing about the same topics, for every state a key can be in; read-your-writes and
 /// staleness refusals travel the same way on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -50,6 +50,7 @@ async fn every_read_path_gives_the_same_answers_in_every_state() {
     let options = |wire| ClientOptions::default().timeout(Duration::from_secs(5)).wire(wire);
     let avro = Client::new(&consumer.base, options(Wire::Avro)).expect("client");
     let json = Client::new(&consumer.base, options(Wire::Json)).expect("client");
+    let h2c = Client::new(&consumer.base, options(Wire::Avro).http2()).expect("client");
     let embedded = Client::embedded(Arc::clone(&view), ClientOptions::default()).expect("client");
     let covered = ReadOptions::default().min_lsn(lsn).wait(Duration::from_secs(30));
     // Key 11 becomes unknown: a change set aside upstream (an unavailable marker).
@@ -87,7 +88,8 @@ async fn every_read_path_gives_the_same_answers_in_every_state() {
         let a = avro.get::<CourierPerformance>(&key, &covered).await.expect("avro read");
         let j = json.get::<CourierPerformance>(&key, &covered).await.expect("json read");
         let e = embedded.get::<CourierPerformance>(&key, &covered).await.expect("embedded read");
-        for (path, other) in [("avro", &a), ("embedded", &e)] {
+        let h = h2c.get::<CourierPerformance>(&key, &covered).await.expect("h2c read");
+        for (path, other) in [("avro", &a), ("embedded", &e), ("h2c", &h)] {
             assert_eq!(other.value, j.value, "key {key}, {path} vs json");
             assert_eq!(other.state, j.state, "key {key}, {path} vs json");
             assert_eq!(
@@ -126,7 +128,7 @@ async fn every_read_path_gives_the_same_answers_in_every_state() {
     // Refusals are the same errors on every path.
     let ahead =
         ReadOptions::default().min_lsn(walcache_client::Lsn(lsn.0 + (1 << 40))).wait(Duration::from_millis(200));
-    for (path, client) in [("avro", &avro), ("embedded", &embedded)] {
+    for (path, client) in [("avro", &avro), ("h2c", &h2c), ("embedded", &embedded)] {
         let refused = client.get::<CourierPerformance>(&7, &ahead).await;
         assert!(matches!(refused, Err(ClientError::MinLsnNotReached(_))), "{path}: {refused:?}");
         // (A view exactly 0 ms old passes a 0 ms bound: ask until a read finds it older.)
@@ -255,6 +257,16 @@ async fn a_near_cache_following_invalidations_is_exact_as_of_every_answer() {
     assert!(after.as_of.view_lsn.is_some_and(|v| v >= lsn), "held as of the stream's coverage: {after:?}");
     assert_eq!(after.value, before.value);
     assert_eq!(after.as_of.row_lsn, before.as_of.row_lsn);
+    // Read-your-writes and staleness bounds are never answered from memory alone.
+    let ahead =
+        ReadOptions::default().min_lsn(walcache_client::Lsn(lsn.0 + (1 << 40))).wait(Duration::from_millis(200));
+    let refused = near.get::<CourierPerformance>(&8, &ahead).await;
+    assert!(matches!(refused, Err(ClientError::MinLsnNotReached(_))), "a held key still asks the view: {refused:?}");
+    let strict = ReadOptions::default().max_staleness(Duration::ZERO);
+    wait_for("a too-stale refusal past a held entry", Duration::from_secs(30), || async {
+        matches!(near.get::<CourierPerformance>(&8, &strict).await, Err(ClientError::TooStale(_))).then_some(())
+    })
+    .await;
 
     // A truncate drops every held entry (a reset): no answer as of a view past it is a row.
     pg.batch_execute("TRUNCATE courier_performance").await.expect("truncate");
