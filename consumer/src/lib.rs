@@ -10,7 +10,10 @@
 //! - [`view`]: the tables, truncate floors, coverage, readiness.
 //! - [`watermark`]: producer watermarks -> "complete as of LSN X" (invariant 4).
 //! - [`applier`]: restore then follow; ready once caught up with the topics as they stood.
-//! - [`api`]: get, batch, export, status with as_of, min_lsn and max_staleness.
+//! - [`read`]: the consistency checks and per-key answer every transport shares (the HTTP API
+//!   here, `walcache-client`'s embedded view in-process, through [`follow`]).
+//! - [`api`]: get, batch, export, status with as_of, min_lsn and max_staleness; the
+//!   invalidation stream near-caches follow.
 
 pub mod api;
 pub mod applier;

@@ -30,9 +30,9 @@ fn client(base: &str) -> Client {
     .expect("client")
 }
 
-/// The read paths (remote Avro over HTTP/1.1 and h2c, remote JSON, the embedded view) say the
-/// same thing about the same topics, for every state a key can be in; read-your-writes and
-/// staleness refusals travel the same way on each.
+/// The read paths (remote Avro over HTTP/1.1 and h2c, remote JSON, the near-cache, the embedded
+/// view) say the same thing about the same topics, for every state a key can be in;
+/// read-your-writes and staleness refusals travel the same way on each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_read_path_gives_the_same_answers_in_every_state() {
     let db = TestDb::create().await;
@@ -104,6 +104,21 @@ async fn every_read_path_gives_the_same_answers_in_every_state() {
         states.push(a.state);
     }
     assert_eq!(states, [RowState::Present, RowState::Deleted, RowState::Absent, RowState::Unknown]);
+    // The near-cache path: the same answers, held after the first read, except unknown, which
+    // it never holds.
+    let near = Client::new(
+        &consumer.base,
+        options(Wire::Avro).near_cache(NearCacheOptions::new(100, Duration::from_secs(600))),
+    )
+    .expect("client");
+    for (key, state) in keys.iter().zip(&states) {
+        let first = near.get::<CourierPerformance>(key, &ReadOptions::default()).await.expect("near read");
+        let again = near.get::<CourierPerformance>(key, &ReadOptions::default()).await.expect("near read");
+        let remote = json.get::<CourierPerformance>(key, &ReadOptions::default()).await.expect("json read");
+        assert_eq!((first.state, again.state), (*state, *state), "key {key}");
+        assert_eq!((&again.value, again.as_of.row_lsn), (&remote.value, remote.as_of.row_lsn), "key {key}");
+        assert_eq!(again.from_near_cache, *state != RowState::Unknown, "key {key}: {again:?}");
+    }
     let many = embedded.get_many::<CourierPerformance>(&keys, &covered).await.expect("embedded batch");
     let remote_many = json.get_many::<CourierPerformance>(&keys, &covered).await.expect("remote batch");
     assert_eq!(many.iter().map(|r| r.state).collect::<Vec<_>>(), states, "a batch answers like single reads");
@@ -128,7 +143,7 @@ async fn every_read_path_gives_the_same_answers_in_every_state() {
     // Refusals are the same errors on every path.
     let ahead =
         ReadOptions::default().min_lsn(walcache_client::Lsn(lsn.0 + (1 << 40))).wait(Duration::from_millis(200));
-    for (path, client) in [("avro", &avro), ("h2c", &h2c), ("embedded", &embedded)] {
+    for (path, client) in [("avro", &avro), ("h2c", &h2c), ("near", &near), ("embedded", &embedded)] {
         let refused = client.get::<CourierPerformance>(&7, &ahead).await;
         assert!(matches!(refused, Err(ClientError::MinLsnNotReached(_))), "{path}: {refused:?}");
         // (A view exactly 0 ms old passes a 0 ms bound: ask until a read finds it older.)
