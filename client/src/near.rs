@@ -12,7 +12,9 @@
 //!
 //! Without the stream (not configured, not connected, refused) entries live `ttl`, as before:
 //! the answer keeps the `as_of` it was read with, so it is exact as of then. With the stream,
-//! an entry lives up to `hold` and is served as of the newest coverage the stream announced:
+//! an entry read from a view at or past every change announced when its read started (reads
+//! may reach another replica than the stream's) lives up to `hold` and is served as of the
+//! newest coverage the stream announced:
 //! every change up to that coverage was announced before it, and would have dropped the entry
 //! (the Redis client-side caching model). Reconnecting drops everything: changes missed while
 //! disconnected cannot be told apart.
@@ -50,6 +52,10 @@ struct Tracking {
     coverage: Mutex<HashMap<String, (Lsn, i64)>>,
     /// Keys with a read in flight, and how many.
     inflight: Mutex<HashMap<NearKey, usize>>,
+    /// Per table: the highest LSN of a key change announced. Reads may reach another consumer
+    /// replica than the stream's, one that has not applied those changes yet: an answer from
+    /// a view below this may miss one, and is kept only for the TTL.
+    announced: Mutex<HashMap<String, Lsn>>,
 }
 
 #[derive(Debug)]
@@ -65,6 +71,8 @@ pub(crate) struct Pending {
     key: NearKey,
     started: Instant,
     epoch: u64,
+    /// The table's highest announced change when the read started.
+    announced: Option<Lsn>,
 }
 
 impl Near {
@@ -111,22 +119,23 @@ impl Near {
 
     /// Registers a read about to be made.
     pub(crate) fn start(&self, key: NearKey) -> Pending {
-        let epoch = match &self.tracking {
+        let (epoch, announced) = match &self.tracking {
             Some(t) => {
                 if let Ok(mut inflight) = t.inflight.lock() {
                     *inflight.entry(key.clone()).or_default() += 1;
                 }
-                t.epoch.load(Ordering::Acquire)
+                let announced = t.announced.lock().ok().and_then(|a| a.get(&key.0).copied());
+                (t.epoch.load(Ordering::Acquire), announced)
             }
-            None => 0,
+            None => (0, None),
         };
-        Pending { key, started: Instant::now(), epoch }
+        Pending { key, started: Instant::now(), epoch, announced }
     }
 
     /// Ends a read; keeps its answer unless a newer one is held, the key changed while it was
     /// in flight, or the stream reconnected or reset meanwhile.
     pub(crate) async fn finish(&self, pending: Pending, answer: Option<&WireAnswer>) {
-        let Pending { key, started, epoch } = pending;
+        let Pending { key, started, epoch, announced } = pending;
         if let Some(t) = &self.tracking
             && let Ok(mut inflight) = t.inflight.lock()
             && let Some(n) = inflight.get_mut(&key)
@@ -140,6 +149,10 @@ impl Near {
         if self.tracking.as_ref().is_some_and(|t| t.epoch.load(Ordering::Acquire) != epoch) {
             return;
         }
+        // A view behind a change already announced may not hold it: never vouched for past its
+        // own as-of (an epoch no stream ever has), so it lives only the TTL.
+        let behind = announced.is_some_and(|a| answer.as_of.view_lsn.is_none_or(|v| v < a));
+        let epoch = if behind { u64::MAX } else { epoch };
         let fresh = Arc::new(NearEntry { answer: Some(answer.clone()), stored: Instant::now(), epoch });
         self.cache
             .entry(key)
@@ -248,11 +261,22 @@ async fn apply(t: &Tracking, cache: &moka::future::Cache<NearKey, Arc<NearEntry>
                 if let Ok(mut c) = t.coverage.lock() {
                     c.clear();
                 }
+                if let Ok(mut a) = t.announced.lock() {
+                    a.clear();
+                }
                 t.connected.store(true, Ordering::Release);
             }
         }
         "key" => {
             let (Some(table), Some(key)) = (event.table, event.key) else { return };
+            // A key made unknown has no LSN: it lies past the table's announced coverage.
+            let covered = t.coverage.lock().ok().and_then(|c| c.get(&table).map(|(lsn, _)| Lsn(lsn.0 + 1)));
+            if let Some(lsn) = event.lsn.or(covered)
+                && let Ok(mut a) = t.announced.lock()
+            {
+                let held = a.entry(table.clone()).or_insert(lsn);
+                *held = (*held).max(lsn);
+            }
             let key = (table, key);
             cache.invalidate(&key).await;
             let in_flight = t.inflight.lock().is_ok_and(|m| m.contains_key(&key));
