@@ -183,9 +183,23 @@ async fn a_key_range_backfill_under_concurrent_writes_leaves_no_key_older_than_p
         producer.log().lines().any(|l| l.contains("snapshot job complete") && l.contains("Backfill")).then_some(())
     })
     .await;
-    let status = run(&["status"]);
-    assert!(status.status.success(), "{status:?}");
-    assert!(String::from_utf8_lossy(&status.stdout).contains("no snapshot or backfill running"), "{status:?}");
+    // `status` reads the job state the producer last delivered to the snapshots topic, which
+    // trails the log line by whatever the producer still has queued for Kafka (the writers keep
+    // it busy): it must catch up, not agree at once.
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let status = run(&["status"]);
+        assert!(status.status.success(), "{status:?}");
+        let report = String::from_utf8_lossy(&status.stdout).into_owned();
+        if report.contains("no snapshot or backfill running") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the delivered job state never showed the backfill done: {report}"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     let mut committed = Vec::new();
     for writer in writers {
         committed.extend(writer.stop().await);
