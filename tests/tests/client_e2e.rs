@@ -12,7 +12,7 @@ use walcache_client::{
 };
 use walcache_schemas::{Op, Position, Registry, now_micros, write_envelope};
 use walcache_tests::kafka::produce;
-use walcache_tests::net::BlackHole;
+use walcache_tests::net::{BlackHole, LaggingReplicaFront};
 use walcache_tests::{Pipeline, TestDb, binary, free_port, wait_for};
 
 /// How long the test client's breaker stays open: far longer than any step of the test on a
@@ -300,6 +300,79 @@ async fn a_near_cache_following_invalidations_is_exact_as_of_every_answer() {
     tokio::time::sleep(ttl * 2).await;
     let gone = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await;
     assert!(gone.is_err(), "without invalidations an entry older than the TTL is not served: {gone:?}");
+    producer.stop().await.expect("drain");
+}
+
+/// Behind one URL, the invalidation stream and a read can reach different consumer replicas.
+/// A read answered by a replica that has not applied a change the stream already announced
+/// carries the old value as of its older view: the near-cache may serve it as of that view,
+/// for its TTL, never as of the stream's newer coverage.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_near_cache_behind_replicas_never_serves_a_lagging_replicas_answer_as_current() {
+    let (p, producer) = Pipeline::streaming(200).await;
+    let consumer = p.start_consumer("").await;
+    consumer.wait_ready(Duration::from_secs(60)).await;
+    let front = LaggingReplicaFront::start(&consumer.base).await;
+    let pg = p.db.client().await;
+    let ttl = Duration::from_millis(300);
+    let near = Client::new(
+        front.base(),
+        ClientOptions::default()
+            .timeout(Duration::from_secs(5))
+            .near_cache(NearCacheOptions::new(1000, ttl).follow_invalidations(Duration::from_secs(600))),
+    )
+    .expect("client");
+    let get = |key: i64| {
+        let near = near.clone();
+        async move { near.get::<CourierPerformance>(&key, &ReadOptions::default()).await }
+    };
+    wait_for("keys 7 and 8 held past the TTL", Duration::from_secs(60), || async {
+        let _ = get(7).await.ok()?;
+        let _ = get(8).await.ok()?;
+        tokio::time::sleep(ttl * 2).await;
+        let (a, b) = (get(7).await.ok()?, get(8).await.ok()?);
+        (a.from_near_cache && b.from_near_cache).then_some(())
+    })
+    .await;
+    let old = get(7).await.expect("read").value.map(|v| v.deliveries);
+    assert_ne!(old, Some(7777));
+
+    pg.execute("UPDATE courier_performance SET deliveries = 7777 WHERE courier_id = 7", &[]).await.expect("update");
+    let lsn = walcache_client::current_lsn(&pg).await.expect("lsn");
+    // The stream announced the change once an untouched held key is vouched for past it.
+    wait_for("the stream's coverage past the update", Duration::from_secs(60), || async {
+        let held = get(8).await.ok()?;
+        (held.from_near_cache && held.as_of.view_lsn.is_some_and(|v| v >= lsn)).then_some(())
+    })
+    .await;
+
+    // The read replica has not applied the update: for several TTLs, key 7 is read from it.
+    front.freeze();
+    // Several TTLs, and on a machine too busy to read twice within one, until a read did.
+    let frozen_at = std::time::Instant::now();
+    let (mut lagging, mut lagging_from_memory) = (0, 0);
+    while frozen_at.elapsed() < ttl * 5 || (lagging_from_memory == 0 && frozen_at.elapsed() < Duration::from_secs(60)) {
+        let read = get(7).await.expect("read");
+        let deliveries = read.value.as_ref().map(|v| v.deliveries);
+        if read.as_of.view_lsn.is_some_and(|v| v >= lsn) {
+            assert_eq!(deliveries, Some(7777), "an answer as of {:?} must carry the update at {lsn}", read.as_of);
+        } else {
+            lagging += 1;
+            lagging_from_memory += usize::from(read.from_near_cache);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(front.stale_answers() > 0 && lagging > 0, "the frozen replica answered ({} times)", front.stale_answers());
+    assert!(lagging_from_memory > 0, "its answer was kept, as of its own view, for the TTL");
+
+    // The replica catches up: the update is held and served as of the stream's coverage.
+    front.thaw();
+    wait_for("the update held from a replica that applied it", Duration::from_secs(60), || async {
+        let read = get(7).await.ok()?;
+        let past = read.as_of.view_lsn.is_some_and(|v| v >= lsn);
+        (read.from_near_cache && past && read.value.map(|v| v.deliveries) == Some(7777)).then_some(())
+    })
+    .await;
     producer.stop().await.expect("drain");
 }
 
