@@ -559,8 +559,9 @@ async fn invalidations(State(api): State<Api>) -> Result<Response, ApiError> {
         }
     }
     let head = futures::stream::iter(first);
-    let state = (rx, Arc::clone(&view), permit, api.cancel.clone());
-    let tail = futures::stream::unfold(state, move |(mut rx, view, permit, cancel)| async move {
+    let open = OpenStream::new(permit, view.metrics.invalidation_streams.clone());
+    let state = (rx, Arc::clone(&view), open, api.cancel.clone());
+    let tail = futures::stream::unfold(state, move |(mut rx, view, open, cancel)| async move {
         let name = |i: usize| view.tables.get(i).map(|t| t.spec.name.clone());
         let received = tokio::select! {
             _ = cancel.cancelled() => return None,
@@ -578,14 +579,36 @@ async fn invalidations(State(api): State<Api>) -> Result<Response, ApiError> {
                 json!({ "type": "coverage", "table": name(table), "lsn": coverage.lsn, "time_micros": coverage.commit_ts_micros })
             }
             Ok(Invalidation::Reset { table }) => json!({ "type": "reset", "table": name(table) }),
-            Err(RecvError::Lagged(_)) => json!({ "type": "reset", "table": null }),
+            Err(RecvError::Lagged(_)) => {
+                view.metrics.invalidation_lagged.inc();
+                json!({ "type": "reset", "table": null })
+            }
             Err(RecvError::Closed) => return None,
         };
-        Some((event, (rx, view, permit, cancel)))
+        Some((event, (rx, view, open, cancel)))
     });
     use futures::StreamExt;
     let events = head.chain(tail).map(|e| Ok::<_, std::convert::Infallible>(Event::default().data(e.to_string())));
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(Duration::from_secs(5))).into_response())
+}
+
+/// An open invalidation stream: holds its permit and is counted while the response lives.
+struct OpenStream {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gauge: prometheus::IntGauge,
+}
+
+impl OpenStream {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit, gauge: prometheus::IntGauge) -> OpenStream {
+        gauge.inc();
+        OpenStream { _permit: permit, gauge }
+    }
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
 
 /// Fallback for unknown paths: a JSON 404.

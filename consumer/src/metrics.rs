@@ -1,7 +1,8 @@
 //! The consumer's Prometheus metrics; names are constants, labels low-cardinality.
 
 use prometheus::{
-    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    Gauge, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry,
 };
 
 pub const APPLIED_TOTAL: &str = "walcache_consumer_applied_total";
@@ -22,6 +23,8 @@ pub const RESTORE_PROGRESS: &str = "walcache_consumer_restore_progress_ratio";
 pub const READY: &str = "walcache_consumer_ready";
 pub const REQUESTS_TOTAL: &str = "walcache_consumer_http_requests_total";
 pub const REQUEST_SECONDS: &str = "walcache_consumer_http_request_seconds";
+pub const INVALIDATION_STREAMS: &str = "walcache_consumer_invalidation_streams";
+pub const INVALIDATION_LAGGED_TOTAL: &str = "walcache_consumer_invalidation_lagged_total";
 
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -44,6 +47,8 @@ pub struct Metrics {
     pub ready: IntGauge,
     pub requests: IntCounterVec,
     pub request_seconds: HistogramVec,
+    pub invalidation_streams: IntGauge,
+    pub invalidation_lagged: IntCounter,
 }
 
 impl Metrics {
@@ -102,6 +107,11 @@ impl Metrics {
                 HistogramOpts::new(REQUEST_SECONDS, "HTTP request latency").buckets(fast),
                 &["route"],
             )?,
+            invalidation_streams: IntGauge::new(INVALIDATION_STREAMS, "Invalidation streams (near-caches) open")?,
+            invalidation_lagged: IntCounter::new(
+                INVALIDATION_LAGGED_TOTAL,
+                "Resets sent to a near-cache that fell behind the stream (it drops what it holds)",
+            )?,
             registry: Registry::new(),
         };
         let r = &m.registry;
@@ -123,6 +133,8 @@ impl Metrics {
         r.register(Box::new(m.ready.clone()))?;
         r.register(Box::new(m.requests.clone()))?;
         r.register(Box::new(m.request_seconds.clone()))?;
+        r.register(Box::new(m.invalidation_streams.clone()))?;
+        r.register(Box::new(m.invalidation_lagged.clone()))?;
         Ok(m)
     }
 

@@ -776,3 +776,126 @@ async fn a_slow_export_client_holds_up_neither_the_applier_nor_reads() {
     c.stop().await;
     producer.stop().await.expect("drain");
 }
+
+/// Events of a server-sent event stream, as JSON, read on demand.
+struct EventStream {
+    body: std::pin::Pin<Box<dyn futures::Stream<Item = reqwest::Result<bytes::Bytes>> + Send>>,
+    buffer: String,
+}
+
+impl EventStream {
+    fn new(response: reqwest::Response) -> EventStream {
+        EventStream { body: Box::pin(response.bytes_stream()), buffer: String::new() }
+    }
+
+    /// The next event's data (keep-alive comments skipped); None when the stream ended.
+    async fn next(&mut self) -> Option<Json> {
+        use futures::StreamExt;
+        loop {
+            if let Some(end) = self.buffer.find("\n\n") {
+                let event: String = self.buffer.drain(..end + 2).collect();
+                let data: String = event.lines().filter_map(|l| l.strip_prefix("data:")).map(str::trim_start).collect();
+                if !data.is_empty() {
+                    return Some(serde_json::from_str(&data).expect("an event's data is JSON"));
+                }
+                continue;
+            }
+            let chunk = tokio::time::timeout(Duration::from_secs(60), self.body.next())
+                .await
+                .expect("an event within a minute")?
+                .expect("the stream reads");
+            self.buffer.push_str(&String::from_utf8_lossy(&chunk));
+        }
+    }
+}
+
+async fn metric(c: &TestConsumer, name: &str) -> f64 {
+    let text = c.request(reqwest::Method::GET, "/metrics").send().await.expect("metrics").text().await.expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+}
+
+/// The invalidation stream near-caches follow: hello, then each table's coverage, then key
+/// events in apply order; streams are bounded and counted; a reader that falls further behind
+/// than the stream's backlog gets a reset (drop everything), never a silent gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_invalidation_stream_is_bounded_and_resets_a_reader_that_falls_behind() {
+    // More key changes in one transaction than the backlog (16,384) and the socket buffers
+    // of a reader that stopped reading can hold.
+    const ROWS: i64 = 30_000;
+    let (p, producer) = Pipeline::streaming(ROWS).await;
+    let c = p.start_consumer("max_invalidation_streams = 1").await;
+    c.wait_ready(Duration::from_secs(120)).await;
+    let pg = p.db.client().await;
+    let open = || c.request(reqwest::Method::GET, "/v1/invalidations").send();
+
+    let mut slow = EventStream::new(open().await.expect("stream"));
+    assert_eq!(slow.next().await.expect("hello")["type"], "hello");
+    let coverage = slow.next().await.expect("coverage");
+    assert_eq!(
+        (coverage["type"].as_str(), coverage["table"].as_str()),
+        (Some("coverage"), Some("courier_performance"))
+    );
+    assert_eq!(metric(&c, "walcache_consumer_invalidation_streams").await, 1.0);
+    let refused = open().await.expect("second stream");
+    assert_eq!(refused.status().as_u16(), 503);
+    let body: Json = refused.json().await.expect("JSON error");
+    assert_eq!(body["error"], "too_many_streams", "{body}");
+
+    // A key change first, read promptly: its event comes with the key and the change's LSN.
+    pg.execute("UPDATE courier_performance SET deliveries = 4242 WHERE courier_id = 7", &[]).await.expect("update");
+    let one = commit_lsn(&pg).await;
+    let key_event = loop {
+        let event = slow.next().await.expect("the stream goes on");
+        if event["type"] == "key" {
+            break event;
+        }
+    };
+    assert_eq!((key_event["table"].as_str(), key_event["key"].as_str()), (Some("courier_performance"), Some("7")));
+    let event_lsn: Lsn = key_event["lsn"].as_str().and_then(|l| l.parse().ok()).expect("the change's LSN");
+    assert!(event_lsn <= one, "{key_event}");
+
+    // Then the reader stops reading while every row changes.
+    pg.execute("UPDATE courier_performance SET deliveries = deliveries + 1", &[]).await.expect("update all");
+    let all = commit_lsn(&pg).await;
+    let caught_up = format!("/v1/tables/courier_performance/rows/1?min_lsn={all}&wait_ms=60000");
+    wait_for("the view past the big update", Duration::from_secs(300), || async {
+        (c.get(&caught_up).await.0 == 200).then_some(())
+    })
+    .await;
+    let (mut keys, mut reset) = (0usize, false);
+    loop {
+        let event = slow.next().await.expect("the stream goes on");
+        match event["type"].as_str() {
+            Some("key") => keys += 1,
+            Some("reset") => {
+                assert!(event["table"].is_null(), "a lagging reader drops every table: {event}");
+                reset = true;
+            }
+            Some("coverage") => {
+                let lsn: Lsn = event["lsn"].as_str().and_then(|l| l.parse().ok()).expect("coverage LSN");
+                if lsn >= all {
+                    break;
+                }
+            }
+            other => panic!("unexpected event {other:?}: {event}"),
+        }
+    }
+    assert!(reset, "a reader that fell behind got a reset (it read {keys} key events of {ROWS})");
+    assert!(keys < ROWS as usize, "events past the backlog were dropped for the reset ({keys})");
+    assert!(metric(&c, "walcache_consumer_invalidation_lagged_total").await >= 1.0);
+
+    // The stream's slot is given back when its reader goes away.
+    drop(slow);
+    wait_for("the stream counted as closed", Duration::from_secs(30), || async {
+        (metric(&c, "walcache_consumer_invalidation_streams").await == 0.0).then_some(())
+    })
+    .await;
+    let mut again = EventStream::new(open().await.expect("stream"));
+    assert_eq!(again.next().await.expect("hello")["type"], "hello");
+    drop(again);
+    c.stop().await;
+    producer.stop().await.expect("drain");
+}
