@@ -8,6 +8,7 @@
 //!  GET /v1/invalidations (server-sent events, apply order)
 //!     hello ─► drop all, new epoch, connected      key ─► drop the key (marker if a read is in flight)
 //!     coverage ─► "entries not dropped are exact up to here"     reset / disconnect ─► drop all, new epoch
+//!     hello / reset carry `applied`: changes the stream does not list reach at most that far
 //! ```
 //!
 //! Without the stream (not configured, not connected, refused) entries live `ttl`, as before:
@@ -52,9 +53,10 @@ struct Tracking {
     coverage: Mutex<HashMap<String, (Lsn, i64)>>,
     /// Keys with a read in flight, and how many.
     inflight: Mutex<HashMap<NearKey, usize>>,
-    /// Per table: the highest LSN of a key change announced. Reads may reach another consumer
-    /// replica than the stream's, one that has not applied those changes yet: an answer from
-    /// a view below this may miss one, and is kept only for the TTL.
+    /// Per table: the highest LSN of a change announced (a key event, or the `applied` of a
+    /// hello or reset: changes made before the stream began or skipped by a reset). Reads may
+    /// reach another consumer replica than the stream's, one that has not applied those
+    /// changes yet: an answer from a view below this may miss one, and is kept only for the TTL.
     announced: Mutex<HashMap<String, Lsn>>,
 }
 
@@ -124,8 +126,11 @@ impl Near {
                 if let Ok(mut inflight) = t.inflight.lock() {
                     *inflight.entry(key.clone()).or_default() += 1;
                 }
+                // The epoch first: a hello or reset records its `applied` before it starts a
+                // new epoch, so a read of that epoch sees them.
+                let epoch = t.epoch.load(Ordering::Acquire);
                 let announced = t.announced.lock().ok().and_then(|a| a.get(&key.0).copied());
-                (t.epoch.load(Ordering::Acquire), announced)
+                (epoch, announced)
             }
             None => (0, None),
         };
@@ -186,6 +191,10 @@ struct StreamEvent {
     lsn: Option<Lsn>,
     #[serde(default)]
     time_micros: Option<i64>,
+    /// With hello and reset: per table, the highest LSN of a change the stream's view had
+    /// applied, listed or not.
+    #[serde(default)]
+    applied: HashMap<String, Lsn>,
 }
 
 async fn follow(
@@ -254,16 +263,26 @@ async fn read_stream(
 async fn apply(t: &Tracking, cache: &moka::future::Cache<NearKey, Arc<NearEntry>>, event: StreamEvent) {
     match event.kind.as_str() {
         "hello" | "reset" => {
+            let hello = event.kind == "hello";
+            // Changes made before the stream began, or skipped by a reset, are not listed: a
+            // read from a view below them (another replica) may not hold them. Recorded
+            // before the new epoch begins, so that every read of the new epoch sees them.
+            if let Ok(mut a) = t.announced.lock() {
+                if hello {
+                    a.clear();
+                }
+                for (table, lsn) in event.applied {
+                    let held = a.entry(table).or_insert(lsn);
+                    *held = (*held).max(lsn);
+                }
+            }
+            if hello && let Ok(mut c) = t.coverage.lock() {
+                c.clear();
+            }
             // Anything held may have missed a change: start over, in a new epoch.
             t.epoch.fetch_add(1, Ordering::AcqRel);
             cache.invalidate_all();
-            if event.kind == "hello" {
-                if let Ok(mut c) = t.coverage.lock() {
-                    c.clear();
-                }
-                if let Ok(mut a) = t.announced.lock() {
-                    a.clear();
-                }
+            if hello {
                 t.connected.store(true, Ordering::Release);
             }
         }

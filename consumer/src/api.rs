@@ -526,15 +526,18 @@ async fn status(State(api): State<Api>) -> Response {
 /// The invalidation stream near-caches follow (server-sent events, one JSON object per event):
 ///
 /// ```text
-///  {"type":"hello"}                                               first: drop everything held
+///  {"type":"hello","applied":{"t":"0/16B3790"}}                  first: drop everything held
 ///  {"type":"coverage","table":"t","lsn":"0/16B3748","time_micros":..}   current coverage of each table, then every advance
 ///  {"type":"key","table":"t","key":"42","lsn":"0/16B3700"}        the key changed (lsn null: it became unknown)
-///  {"type":"reset","table":"t"}                                   drop everything of t (null: of every table)
+///  {"type":"reset","table":"t","applied":{"t":"0/16B3800"}}       drop everything of t (null: of every table)
 /// ```
 ///
 /// In apply order: when a client reads `coverage` X, it has read every key event up to X, so
 /// an entry not invalidated by then is still the view's answer as of X. A client too slow to
-/// keep up gets a `reset` rather than a gap.
+/// keep up gets a `reset` rather than a gap. `applied` (per table, the highest LSN of a change
+/// this view had applied when the stream began or the reset was sent) covers what the stream
+/// does not list: a read answered by another replica whose view is below it may lack such a
+/// change, and must not be held as current.
 async fn invalidations(State(api): State<Api>) -> Result<Response, ApiError> {
     use axum::response::sse::{Event, KeepAlive, Sse};
     use tokio::sync::broadcast::error::RecvError;
@@ -552,7 +555,10 @@ async fn invalidations(State(api): State<Api>) -> Result<Response, ApiError> {
     let view = Arc::clone(&api.view);
     let name = |i: usize| view.tables.get(i).map(|t| t.spec.name.clone());
     let coverage_event = |table: Option<String>, c: &Coverage| json!({ "type": "coverage", "table": table, "lsn": c.lsn, "time_micros": c.commit_ts_micros });
-    let mut first = vec![json!({ "type": "hello" })];
+    let applied = |view: &View| -> serde_json::Map<String, Json> {
+        view.tables.iter().filter_map(|t| Some((t.spec.name.clone(), json!(t.applied_lsn()?)))).collect()
+    };
+    let mut first = vec![json!({ "type": "hello", "applied": applied(&view) })];
     for (i, t) in view.tables.iter().enumerate() {
         if let Some(c) = t.coverage() {
             first.push(coverage_event(name(i), &c));
@@ -578,10 +584,14 @@ async fn invalidations(State(api): State<Api>) -> Result<Response, ApiError> {
             Ok(Invalidation::Coverage { table, coverage }) => {
                 json!({ "type": "coverage", "table": name(table), "lsn": coverage.lsn, "time_micros": coverage.commit_ts_micros })
             }
-            Ok(Invalidation::Reset { table }) => json!({ "type": "reset", "table": name(table) }),
+            Ok(Invalidation::Reset { table, lsn }) => {
+                let applied: serde_json::Map<String, Json> = name(table).map(|n| (n, json!(lsn))).into_iter().collect();
+                json!({ "type": "reset", "table": name(table), "applied": applied })
+            }
             Err(RecvError::Lagged(_)) => {
                 view.metrics.invalidation_lagged.inc();
-                json!({ "type": "reset", "table": null })
+                // Read now: at or past every change this stream skipped.
+                json!({ "type": "reset", "table": null, "applied": applied(&view) })
             }
             Err(RecvError::Closed) => return None,
         };

@@ -130,6 +130,10 @@ pub struct HttpConfig {
     /// Invalidation streams (`/v1/invalidations`, one per near-caching client process) open at
     /// once; more are refused with 503 `too_many_streams` and those clients fall back to their TTL.
     pub max_invalidation_streams: usize,
+    /// Changes an invalidation stream may fall behind before it is sent a `reset` (its client
+    /// drops what it holds and starts over), beyond what its socket buffers hold. Shared by
+    /// every stream (one ring of this many changes).
+    pub invalidation_backlog: usize,
     /// Largest request body (a batch of keys).
     pub max_body_bytes: usize,
     /// Largest batch get.
@@ -157,6 +161,7 @@ impl Default for HttpConfig {
             max_concurrent_requests: 1024,
             max_waiting: 256,
             max_invalidation_streams: 256,
+            invalidation_backlog: 16_384,
             max_body_bytes: 1 << 20,
             instance: None,
         }
@@ -266,6 +271,12 @@ impl ConsumerConfig {
         if self.cache.capacity < 1 << 20 {
             return Err(ConsumerError::Config("cache.capacity below 1MiB leaves no room for a view".into()));
         }
+        if !(16..=1 << 22).contains(&self.http.invalidation_backlog) {
+            return Err(ConsumerError::Config(format!(
+                "http.invalidation_backlog is {}; set it between 16 and 4194304 changes (default 16384)",
+                self.http.invalidation_backlog
+            )));
+        }
         Ok(())
     }
 
@@ -341,5 +352,9 @@ mod tests {
         let mut slow = allowed.clone();
         slow.http.request_timeout = Some(slow.http.max_wait);
         assert!(slow.validate().is_err(), "a request timeout at or below max_wait");
+        let mut no_backlog = allowed.clone();
+        no_backlog.http.invalidation_backlog = 0;
+        let refused = no_backlog.validate_view().expect_err("an empty backlog").to_string();
+        assert!(refused.contains("http.invalidation_backlog"), "{refused}");
     }
 }

@@ -100,7 +100,8 @@ impl Running {
 pub fn follow(config: ConsumerConfig, metrics: Metrics, cancel: CancellationToken) -> Result<Following, ConsumerError> {
     config.validate_view()?;
     let health = Arc::new(Health::default());
-    let view = Arc::new(view::View::new(config.table_specs()?, &config.cache, metrics, health));
+    let backlog = config.http.invalidation_backlog;
+    let view = Arc::new(view::View::new(config.table_specs()?, &config.cache, backlog, metrics, health));
     let tasks = TaskTracker::new();
     tasks.spawn(applier::refresh_gauges(Arc::clone(&view), config.clone(), cancel.clone()));
     let applier = tokio::spawn(applier::run(Arc::clone(&view), config, cancel.clone()));

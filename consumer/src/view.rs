@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use serde_json::Value as Json;
 use tokio::sync::watch;
 use walcache_common::ops::Health;
-use walcache_schemas::{Op, Position, Registry, SchemaError};
+use walcache_schemas::{Lsn, Op, Position, Registry, SchemaError};
 
 use crate::config::{CacheConfig, TableSpec};
 use crate::metrics::Metrics;
@@ -38,6 +38,9 @@ pub struct TableView {
     coverage: watch::Sender<Option<Coverage>>,
     /// That producer's name, once seen.
     producer: Mutex<Option<String>>,
+    /// The highest LSN of a change applied (0: none): a replica whose coverage is below it
+    /// may not hold every change this view announced, or announced before a stream began.
+    applied: AtomicU64,
 }
 
 impl TableView {
@@ -56,6 +59,12 @@ impl TableView {
 
     pub fn producer(&self) -> Option<String> {
         self.producer.lock().ok().and_then(|p| p.clone())
+    }
+
+    /// The highest LSN of a change this view applied (a key change, a truncate, a snapshot
+    /// floor); a key made unknown without a position counts as just past the coverage.
+    pub fn applied_lsn(&self) -> Option<Lsn> {
+        Some(Lsn(self.applied.load(Ordering::Acquire))).filter(|l| l.0 > 0)
     }
 
     pub fn floor(&self) -> Option<Position> {
@@ -160,12 +169,9 @@ pub enum Invalidation {
     Key { table: usize, key: Box<[u8]>, position: Option<Position> },
     /// Table `table` is complete up to `coverage`: every change up to it was announced before.
     Coverage { table: usize, coverage: Coverage },
-    /// Drop everything of table `table` (a truncate or a snapshot floor removed rows).
-    Reset { table: usize },
+    /// Drop everything of table `table` (a truncate or a snapshot floor at `lsn` removed rows).
+    Reset { table: usize, lsn: Lsn },
 }
-
-/// Announced changes waiting for slow subscribers; a subscriber further behind is told to reset.
-pub const INVALIDATION_BACKLOG: usize = 16_384;
 
 /// The view.
 #[derive(Debug)]
@@ -190,6 +196,20 @@ impl View {
         self.invalidations.subscribe()
     }
 
+    /// Counts a change of a key as applied and announces it.
+    fn changed_key(&self, index: usize, key: &[u8], position: Option<Position>) {
+        let table = &self.tables[index];
+        let lsn = position.map_or_else(|| Lsn(table.coverage().map_or(0, |c| c.lsn.0) + 1), |p| p.lsn);
+        table.applied.fetch_max(lsn.0, Ordering::AcqRel);
+        self.announce(|| Invalidation::Key { table: index, key: key.into(), position });
+    }
+
+    /// Counts a table-wide removal at `lsn` as applied and announces it.
+    fn reset(&self, index: usize, lsn: Lsn) {
+        self.tables[index].applied.fetch_max(lsn.0, Ordering::AcqRel);
+        self.announce(|| Invalidation::Reset { table: index, lsn });
+    }
+
     /// Announces a change; free while nobody listens (the common case, and every restore).
     fn announce(&self, make: impl FnOnce() -> Invalidation) {
         if self.invalidations.receiver_count() > 0 {
@@ -197,7 +217,15 @@ impl View {
         }
     }
 
-    pub fn new(specs: Vec<TableSpec>, cache: &CacheConfig, metrics: Metrics, health: std::sync::Arc<Health>) -> View {
+    /// `backlog`: announced changes kept for slow subscribers; one further behind is told to
+    /// reset.
+    pub fn new(
+        specs: Vec<TableSpec>,
+        cache: &CacheConfig,
+        backlog: usize,
+        metrics: Metrics,
+        health: std::sync::Arc<Health>,
+    ) -> View {
         let tables: Vec<TableView> = specs
             .into_iter()
             .map(|spec| TableView {
@@ -207,6 +235,7 @@ impl View {
                 pending_snapshot_floor: Mutex::new(None),
                 coverage: watch::channel(None).0,
                 producer: Mutex::new(None),
+                applied: AtomicU64::new(0),
             })
             .collect();
         let by_name = tables.iter().enumerate().map(|(i, t)| (t.spec.name.clone(), i)).collect();
@@ -233,7 +262,7 @@ impl View {
             dead_letters: AtomicU64::new(0),
             metrics,
             health,
-            invalidations: tokio::sync::broadcast::channel(INVALIDATION_BACKLOG).0,
+            invalidations: tokio::sync::broadcast::channel(backlog).0,
         }
     }
 
@@ -328,7 +357,7 @@ impl View {
         let due = t.pending_snapshot_floor.lock().ok().and_then(|mut p| p.take_if(|floor| floor.lsn <= coverage.lsn));
         if let Some(floor) = due {
             let removed = t.raise_floor(floor);
-            self.announce(|| Invalidation::Reset { table: index });
+            self.reset(index, floor.lsn);
             tracing::info!(table = %t.spec.name, removed, snapshot_lsn = %floor.lsn, "snapshot complete: rows it did not copy again are gone");
         }
         self.metrics.view_lsn.with_label_values(&[&t.spec.name]).set(coverage.lsn.0 as f64);
@@ -390,7 +419,7 @@ impl View {
         let unreadable = |code: &'static str, reason: String| {
             if let Some(body) = key_body {
                 table.store.forget(body, code);
-                self.announce(|| Invalidation::Key { table: index, key: body.into(), position: None });
+                self.changed_key(index, body, None);
             }
             Outcome::Bad(BadMessage { reason_code: code, reason, key: key_json() })
         };
@@ -431,7 +460,7 @@ impl View {
                 }
             } else {
                 let removed = table.raise_floor(env.position);
-                self.announce(|| Invalidation::Reset { table: index });
+                self.reset(index, env.position.lsn);
                 tracing::info!(table = %table.spec.name, removed, lsn = %env.position.lsn, "table truncated at the source");
             }
             return Outcome::Applied(Op::Truncate, env.position);
@@ -447,8 +476,7 @@ impl View {
             }
             return match table.store.apply(body, &env.position, Change::Unavailable(reason), now_micros) {
                 Applied::Changed => {
-                    let position = Some(env.position);
-                    self.announce(|| Invalidation::Key { table: index, key: body.into(), position });
+                    self.changed_key(index, body, Some(env.position));
                     Outcome::Unavailable(env.position)
                 }
                 Applied::Stale => Outcome::Ignored("not_newer"),
@@ -489,7 +517,7 @@ impl View {
         }
         match table.store.apply(key, position, change, now) {
             Applied::Changed => {
-                self.announce(|| Invalidation::Key { table: index, key: key.into(), position: Some(*position) });
+                self.changed_key(index, key, Some(*position));
                 Outcome::Applied(op, *position)
             }
             Applied::Stale => Outcome::Ignored("not_newer"),

@@ -303,10 +303,41 @@ async fn a_near_cache_following_invalidations_is_exact_as_of_every_answer() {
     producer.stop().await.expect("drain");
 }
 
+/// Reads of `key` for several TTLs while the front's read replica is frozen: every answer as
+/// of a view at or past `lsn` must pass `current`. Returns (answers from below `lsn`, of which
+/// served from the near-cache); on a machine too busy to read twice within a TTL, it goes on
+/// until a lagging answer was served from memory.
+async fn read_while_lagging(
+    near: &Client,
+    key: i64,
+    lsn: walcache_client::Lsn,
+    ttl: Duration,
+    current: impl Fn(&walcache_client::Read<CourierPerformance>) -> bool,
+) -> (usize, usize) {
+    let started = std::time::Instant::now();
+    let (mut lagging, mut from_memory) = (0, 0);
+    while started.elapsed() < ttl * 5 || (from_memory == 0 && started.elapsed() < Duration::from_secs(60)) {
+        let read = near.get::<CourierPerformance>(&key, &ReadOptions::default()).await.expect("read");
+        if read.as_of.view_lsn.is_some_and(|v| v >= lsn) {
+            assert!(
+                current(&read),
+                "key {key}: an answer as of {:?} must reflect the change at {lsn}: {read:?}",
+                read.as_of
+            );
+        } else {
+            lagging += 1;
+            from_memory += usize::from(read.from_near_cache);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    (lagging, from_memory)
+}
+
 /// Behind one URL, the invalidation stream and a read can reach different consumer replicas.
-/// A read answered by a replica that has not applied a change the stream already announced
-/// carries the old value as of its older view: the near-cache may serve it as of that view,
-/// for its TTL, never as of the stream's newer coverage.
+/// A read answered by a replica that has not applied a change carries the old value as of its
+/// older view: the near-cache may serve it as of that view, for its TTL, never as of the
+/// stream's newer coverage. Whether the stream announced the change (a key event, a truncate's
+/// reset) or the change was made before the stream began.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_near_cache_behind_replicas_never_serves_a_lagging_replicas_answer_as_current() {
     let (p, producer) = Pipeline::streaming(200).await;
@@ -315,13 +346,43 @@ async fn a_near_cache_behind_replicas_never_serves_a_lagging_replicas_answer_as_
     let front = LaggingReplicaFront::start(&consumer.base).await;
     let pg = p.db.client().await;
     let ttl = Duration::from_millis(300);
+    let options = || ClientOptions::default().timeout(Duration::from_secs(5));
+    // Reads through the front without a near-cache: what the read replica will answer frozen.
+    let plain = Client::new(front.base(), options()).expect("client");
+    let remember = |key: i64| {
+        let plain = plain.clone();
+        async move { plain.get::<CourierPerformance>(&key, &ReadOptions::default()).await.expect("read") }
+    };
+    let applied = |lsn: walcache_client::Lsn| {
+        let consumer = &consumer;
+        async move {
+            let path = format!("/v1/tables/courier_performance/rows/1?min_lsn={lsn}&wait_ms=60000");
+            assert_eq!(consumer.get(&path).await.0, 200, "the consumer applied {lsn}");
+        }
+    };
+
+    // 1. A change made before the near-cache's stream began: the stream never lists it.
+    remember(5).await;
+    pg.execute("UPDATE courier_performance SET deliveries = 5555 WHERE courier_id = 5", &[]).await.expect("update");
+    let before_stream = walcache_client::current_lsn(&pg).await.expect("lsn");
+    applied(before_stream).await;
+    front.freeze();
     let near = Client::new(
         front.base(),
-        ClientOptions::default()
-            .timeout(Duration::from_secs(5))
-            .near_cache(NearCacheOptions::new(1000, ttl).follow_invalidations(Duration::from_secs(600))),
+        options().near_cache(NearCacheOptions::new(1000, ttl).follow_invalidations(Duration::from_secs(600))),
     )
     .expect("client");
+    wait_for("the near-cache's stream", Duration::from_secs(30), || async {
+        (consumer.metrics.invalidation_streams.get() == 1).then_some(())
+    })
+    .await;
+    let deliveries = |read: &walcache_client::Read<CourierPerformance>| read.value.as_ref().map(|v| v.deliveries);
+    let (lagging, from_memory) =
+        read_while_lagging(&near, 5, before_stream, ttl, |r| deliveries(r) == Some(5555)).await;
+    assert!(lagging > 0 && from_memory > 0, "the frozen replica answered, and was held for the TTL ({lagging})");
+    front.thaw();
+
+    // 2. A change the stream announces while the read replica lags.
     let get = |key: i64| {
         let near = near.clone();
         async move { near.get::<CourierPerformance>(&key, &ReadOptions::default()).await }
@@ -334,9 +395,7 @@ async fn a_near_cache_behind_replicas_never_serves_a_lagging_replicas_answer_as_
         (a.from_near_cache && b.from_near_cache).then_some(())
     })
     .await;
-    let old = get(7).await.expect("read").value.map(|v| v.deliveries);
-    assert_ne!(old, Some(7777));
-
+    assert_ne!(deliveries(&get(7).await.expect("read")), Some(7777));
     pg.execute("UPDATE courier_performance SET deliveries = 7777 WHERE courier_id = 7", &[]).await.expect("update");
     let lsn = walcache_client::current_lsn(&pg).await.expect("lsn");
     // The stream announced the change once an untouched held key is vouched for past it.
@@ -345,34 +404,31 @@ async fn a_near_cache_behind_replicas_never_serves_a_lagging_replicas_answer_as_
         (held.from_near_cache && held.as_of.view_lsn.is_some_and(|v| v >= lsn)).then_some(())
     })
     .await;
-
-    // The read replica has not applied the update: for several TTLs, key 7 is read from it.
     front.freeze();
-    // Several TTLs, and on a machine too busy to read twice within one, until a read did.
-    let frozen_at = std::time::Instant::now();
-    let (mut lagging, mut lagging_from_memory) = (0, 0);
-    while frozen_at.elapsed() < ttl * 5 || (lagging_from_memory == 0 && frozen_at.elapsed() < Duration::from_secs(60)) {
-        let read = get(7).await.expect("read");
-        let deliveries = read.value.as_ref().map(|v| v.deliveries);
-        if read.as_of.view_lsn.is_some_and(|v| v >= lsn) {
-            assert_eq!(deliveries, Some(7777), "an answer as of {:?} must carry the update at {lsn}", read.as_of);
-        } else {
-            lagging += 1;
-            lagging_from_memory += usize::from(read.from_near_cache);
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(front.stale_answers() > 0 && lagging > 0, "the frozen replica answered ({} times)", front.stale_answers());
-    assert!(lagging_from_memory > 0, "its answer was kept, as of its own view, for the TTL");
-
+    let (lagging, from_memory) = read_while_lagging(&near, 7, lsn, ttl, |r| deliveries(r) == Some(7777)).await;
+    assert!(front.stale_answers() > 0 && lagging > 0 && from_memory > 0, "the frozen replica answered ({lagging})");
     // The replica catches up: the update is held and served as of the stream's coverage.
     front.thaw();
     wait_for("the update held from a replica that applied it", Duration::from_secs(60), || async {
         let read = get(7).await.ok()?;
         let past = read.as_of.view_lsn.is_some_and(|v| v >= lsn);
-        (read.from_near_cache && past && read.value.map(|v| v.deliveries) == Some(7777)).then_some(())
+        (read.from_near_cache && past && deliveries(&read) == Some(7777)).then_some(())
     })
     .await;
+
+    // 3. A truncate (a reset on the stream) the read replica has not applied.
+    remember(9).await;
+    pg.batch_execute("TRUNCATE courier_performance").await.expect("truncate");
+    let truncated = walcache_client::current_lsn(&pg).await.expect("lsn");
+    wait_for("the near-cache past the truncate", Duration::from_secs(60), || async {
+        let read = get(8).await.ok()?;
+        (read.state != RowState::Present && read.as_of.view_lsn.is_some_and(|v| v >= truncated)).then_some(())
+    })
+    .await;
+    front.freeze();
+    let (lagging, from_memory) = read_while_lagging(&near, 9, truncated, ttl, |r| r.state != RowState::Present).await;
+    assert!(lagging > 0 && from_memory > 0, "the frozen replica answered with the row ({lagging})");
+    front.thaw();
     producer.stop().await.expect("drain");
 }
 

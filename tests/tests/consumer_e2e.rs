@@ -822,17 +822,23 @@ async fn metric(c: &TestConsumer, name: &str) -> f64 {
 /// than the stream's backlog gets a reset (drop everything), never a silent gap.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_invalidation_stream_is_bounded_and_resets_a_reader_that_falls_behind() {
-    // More key changes in one transaction than the backlog (16,384) and the socket buffers
-    // of a reader that stopped reading can hold.
-    const ROWS: i64 = 30_000;
+    // More key changes in one transaction than the backlog and the socket buffers of a reader
+    // that stopped reading can hold (on loopback the consumer's send buffer grows to 4 MiB,
+    // about 48,000 events).
+    const ROWS: i64 = 60_000;
     let (p, producer) = Pipeline::streaming(ROWS).await;
-    let c = p.start_consumer("max_invalidation_streams = 1").await;
+    let c = p.start_consumer("max_invalidation_streams = 1\ninvalidation_backlog = 1024").await;
     c.wait_ready(Duration::from_secs(120)).await;
     let pg = p.db.client().await;
     let open = || c.request(reqwest::Method::GET, "/v1/invalidations").send();
 
+    let applied_of = |event: &Json| -> Option<Lsn> { event["applied"]["courier_performance"].as_str()?.parse().ok() };
+    let seeded = commit_lsn(&pg).await;
     let mut slow = EventStream::new(open().await.expect("stream"));
-    assert_eq!(slow.next().await.expect("hello")["type"], "hello");
+    let hello = slow.next().await.expect("hello");
+    assert_eq!(hello["type"], "hello");
+    // What the stream will not list: the changes applied before it began (the copy's rows).
+    assert!(applied_of(&hello).is_some_and(|a| a.0 > 0 && a <= seeded), "{hello}");
     let coverage = slow.next().await.expect("coverage");
     assert_eq!(
         (coverage["type"].as_str(), coverage["table"].as_str()),
@@ -872,6 +878,8 @@ async fn the_invalidation_stream_is_bounded_and_resets_a_reader_that_falls_behin
             Some("key") => keys += 1,
             Some("reset") => {
                 assert!(event["table"].is_null(), "a lagging reader drops every table: {event}");
+                // At or past every change it skipped: the big update's.
+                assert!(applied_of(&event).is_some_and(|a| a > one && a <= all), "{event}");
                 reset = true;
             }
             Some("coverage") => {
@@ -883,6 +891,7 @@ async fn the_invalidation_stream_is_bounded_and_resets_a_reader_that_falls_behin
             other => panic!("unexpected event {other:?}: {event}"),
         }
     }
+    eprintln!("the stopped reader read {keys} of {ROWS} key events, and a reset");
     assert!(reset, "a reader that fell behind got a reset (it read {keys} key events of {ROWS})");
     assert!(keys < ROWS as usize, "events past the backlog were dropped for the reset ({keys})");
     assert!(metric(&c, "walcache_consumer_invalidation_lagged_total").await >= 1.0);
