@@ -337,7 +337,7 @@ impl Client {
         let builder = if options.http2 { builder.http2_prior_knowledge() } else { builder };
         let http = builder.build().map_err(|e| ClientError::Transport(e.to_string()))?;
         let near = options.near_cache.map(|n| {
-            let near = Near::new(n.capacity, n.ttl, n.hold);
+            let near = Near::new(n.capacity, n.ttl, n.hold, options.metrics.clone());
             near.follow(http.clone(), base.clone(), options.token.clone());
             Arc::new(near)
         });

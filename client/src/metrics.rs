@@ -5,6 +5,7 @@
 //!  call() attempt ──► requests_total{outcome}, request_seconds, breaker_state
 //!  get()          ──► reads_total{state}
 //!  Fallback::get  ──► answers_total{source, reason}
+//!  near-cache invalidation stream ──► near_cache_stream_connected, near_cache_drops_total{reason}
 //! ```
 
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGauge, Opts, Registry};
@@ -14,6 +15,8 @@ pub const REQUEST_SECONDS: &str = "walcache_client_request_seconds";
 pub const READS_TOTAL: &str = "walcache_client_reads_total";
 pub const ANSWERS_TOTAL: &str = "walcache_client_answers_total";
 pub const BREAKER_STATE: &str = "walcache_client_breaker_state";
+pub const NEAR_CACHE_STREAM_CONNECTED: &str = "walcache_client_near_cache_stream_connected";
+pub const NEAR_CACHE_DROPS_TOTAL: &str = "walcache_client_near_cache_drops_total";
 
 /// The client's metrics; cheap to clone.
 #[derive(Debug, Clone)]
@@ -23,6 +26,8 @@ pub struct ClientMetrics {
     pub(crate) reads: IntCounterVec,
     pub(crate) answers: IntCounterVec,
     pub(crate) breaker_state: IntGauge,
+    pub(crate) near_stream_connected: IntGauge,
+    pub(crate) near_drops: IntCounterVec,
 }
 
 impl ClientMetrics {
@@ -43,12 +48,30 @@ impl ClientMetrics {
                 &["source", "reason"],
             )?,
             breaker_state: IntGauge::new(BREAKER_STATE, "Circuit breaker: 0 closed, 1 half-open, 2 open")?,
+            near_stream_connected: IntGauge::new(
+                NEAR_CACHE_STREAM_CONNECTED,
+                "1 while the near-cache follows the consumer's invalidations (entries held past the TTL)",
+            )?,
+            near_drops: IntCounterVec::new(
+                Opts::new(
+                    NEAR_CACHE_DROPS_TOTAL,
+                    "Times the near-cache stopped vouching for what it held: hello (the stream (re)connected) \
+                     and reset (a truncate, or this client fell behind) drop it all; lost (the stream \
+                     ended) leaves entries to their TTL",
+                ),
+                &["reason"],
+            )?,
         };
+        for reason in ["hello", "reset", "lost"] {
+            m.near_drops.with_label_values(&[reason]);
+        }
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.request_seconds.clone()))?;
         registry.register(Box::new(m.reads.clone()))?;
         registry.register(Box::new(m.answers.clone()))?;
         registry.register(Box::new(m.breaker_state.clone()))?;
+        registry.register(Box::new(m.near_stream_connected.clone()))?;
+        registry.register(Box::new(m.near_drops.clone()))?;
         Ok(m)
     }
 }

@@ -30,6 +30,7 @@ use serde::Deserialize;
 use walcache_schemas::Lsn;
 
 use crate::client::WireAnswer;
+use crate::metrics::ClientMetrics;
 
 /// Table and key (as in the URL).
 pub(crate) type NearKey = (String, String);
@@ -58,6 +59,22 @@ struct Tracking {
     /// reach another consumer replica than the stream's, one that has not applied those
     /// changes yet: an answer from a view below this may miss one, and is kept only for the TTL.
     announced: Mutex<HashMap<String, Lsn>>,
+    metrics: Option<ClientMetrics>,
+}
+
+impl Tracking {
+    fn dropped_all(&self, reason: &str) {
+        if let Some(m) = &self.metrics {
+            m.near_drops.with_label_values(&[reason]).inc();
+        }
+    }
+
+    fn set_connected(&self, connected: bool) -> bool {
+        if let Some(m) = &self.metrics {
+            m.near_stream_connected.set(i64::from(connected));
+        }
+        self.connected.swap(connected, Ordering::AcqRel)
+    }
 }
 
 #[derive(Debug)]
@@ -80,10 +97,10 @@ pub(crate) struct Pending {
 impl Near {
     /// `hold`: how long entries live while the invalidation stream is connected (None: no
     /// stream, entries live `ttl`).
-    pub(crate) fn new(capacity: u64, ttl: Duration, hold: Option<Duration>) -> Near {
+    pub(crate) fn new(capacity: u64, ttl: Duration, hold: Option<Duration>, metrics: Option<ClientMetrics>) -> Near {
         let cache =
             moka::future::Cache::builder().max_capacity(capacity).time_to_live(hold.unwrap_or(ttl).max(ttl)).build();
-        Near { cache, ttl, tracking: hold.map(|_| Arc::new(Tracking::default())) }
+        Near { cache, ttl, tracking: hold.map(|_| Arc::new(Tracking { metrics, ..Tracking::default() })) }
     }
 
     /// Follows `GET {base}/v1/invalidations` in the background, when there is a Tokio runtime
@@ -221,7 +238,8 @@ async fn follow(
             Err(e) => format!("cannot open the invalidation stream: {e}"),
         };
         let Some(t) = tracking.upgrade() else { return };
-        if t.connected.swap(false, Ordering::AcqRel) {
+        if t.set_connected(false) {
+            t.dropped_all("lost");
             tracing::warn!(reason = %ended, "near-cache invalidations lost; entries fall back to the TTL until reconnected");
         }
         t.epoch.fetch_add(1, Ordering::AcqRel);
@@ -282,8 +300,9 @@ async fn apply(t: &Tracking, cache: &moka::future::Cache<NearKey, Arc<NearEntry>
             // Anything held may have missed a change: start over, in a new epoch.
             t.epoch.fetch_add(1, Ordering::AcqRel);
             cache.invalidate_all();
+            t.dropped_all(&event.kind);
             if hello {
-                t.connected.store(true, Ordering::Release);
+                t.set_connected(true);
             }
         }
         "key" => {

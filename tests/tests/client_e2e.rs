@@ -222,13 +222,26 @@ async fn a_near_cache_following_invalidations_is_exact_as_of_every_answer() {
     consumer.wait_ready(Duration::from_secs(60)).await;
     let pg = p.db.client().await;
     let ttl = Duration::from_millis(300);
+    let registry = prometheus::Registry::new();
     let near = Client::new(
         &consumer.base,
         ClientOptions::default()
             .timeout(Duration::from_secs(5))
+            .metrics(walcache_client::ClientMetrics::register(&registry).expect("metrics"))
             .near_cache(NearCacheOptions::new(1000, ttl).follow_invalidations(Duration::from_secs(600))),
     )
     .expect("client");
+    // The client's own gauges, as a service's /metrics would show them.
+    let metric = |name: &str, reason: Option<&str>| -> f64 {
+        registry
+            .gather()
+            .iter()
+            .filter(|f| f.name() == name)
+            .flat_map(|f| f.get_metric().iter())
+            .filter(|m| reason.is_none_or(|r| m.get_label().iter().any(|l| l.value() == r)))
+            .map(|m| m.get_gauge().get_value() + m.get_counter().get_value())
+            .sum()
+    };
     let deliveries = |read: &walcache_client::Read<CourierPerformance>| read.value.as_ref().map(|v| v.deliveries);
     // Held past the TTL once the stream is connected (its hello drops what came before).
     wait_for("key 7 and key 8 held past the TTL", Duration::from_secs(60), || async {
@@ -241,6 +254,8 @@ async fn a_near_cache_following_invalidations_is_exact_as_of_every_answer() {
     })
     .await;
     let before = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await.expect("read");
+    assert_eq!(metric("walcache_client_near_cache_stream_connected", None), 1.0);
+    assert_eq!(metric("walcache_client_near_cache_drops_total", Some("hello")), 1.0);
 
     pg.execute("UPDATE courier_performance SET deliveries = 7777 WHERE courier_id = 7", &[]).await.expect("update");
     let lsn = walcache_client::current_lsn(&pg).await.expect("lsn");
@@ -294,12 +309,20 @@ async fn a_near_cache_following_invalidations_is_exact_as_of_every_answer() {
     })
     .await;
 
+    assert_eq!(metric("walcache_client_near_cache_drops_total", Some("reset")), 1.0, "the truncate's reset");
+
     // The stream gone, entries live only their TTL: the consumer is down, so a read past the
     // TTL cannot be answered from memory.
     consumer.stop().await;
     tokio::time::sleep(ttl * 2).await;
     let gone = near.get::<CourierPerformance>(&8, &ReadOptions::default()).await;
     assert!(gone.is_err(), "without invalidations an entry older than the TTL is not served: {gone:?}");
+    wait_for("the lost stream counted", Duration::from_secs(30), || async {
+        (metric("walcache_client_near_cache_stream_connected", None) == 0.0
+            && metric("walcache_client_near_cache_drops_total", Some("lost")) == 1.0)
+            .then_some(())
+    })
+    .await;
     producer.stop().await.expect("drain");
 }
 
