@@ -585,8 +585,9 @@ async fn invalidations(State(api): State<Api>) -> Result<Response, ApiError> {
                 json!({ "type": "coverage", "table": name(table), "lsn": coverage.lsn, "time_micros": coverage.commit_ts_micros })
             }
             Ok(Invalidation::Reset { table, lsn }) => {
-                let applied: serde_json::Map<String, Json> = name(table).map(|n| (n, json!(lsn))).into_iter().collect();
-                json!({ "type": "reset", "table": name(table), "applied": applied })
+                let table = name(table);
+                let applied: serde_json::Map<String, Json> = table.iter().map(|n| (n.clone(), json!(lsn))).collect();
+                json!({ "type": "reset", "table": table, "applied": applied })
             }
             Err(RecvError::Lagged(_)) => {
                 view.metrics.invalidation_lagged.inc();

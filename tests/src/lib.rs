@@ -178,6 +178,30 @@ fn built(dir: &str, name: &str) -> PathBuf {
 /// before the server binds it. Ports come from below the ephemeral range instead, from a
 /// per-process sequence so that two tests of one binary never get the same one, starting at an
 /// offset derived from the process id so that two processes rarely walk the same ports.
+/// One metric's value in a Prometheus text exposition, summed over its series: what a
+/// scraper reads, not the exporter's own bookkeeping.
+pub fn metric_in(exposition: &str, name: &str) -> Option<f64> {
+    let values: Vec<f64> = exposition
+        .lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
+        .collect();
+    (!values.is_empty()).then(|| values.iter().sum())
+}
+
+/// One metric's value in a registry, summed over the series whose labels include `labels`
+/// (counters and gauges), as the service's own `/metrics` would show it.
+pub fn registry_value(registry: &prometheus::Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+    registry
+        .gather()
+        .iter()
+        .filter(|f| f.name() == name)
+        .flat_map(|f| f.get_metric().to_vec())
+        .filter(|m| labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)))
+        .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
+        .sum()
+}
+
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     static NEXT: AtomicU32 = AtomicU32::new(0);

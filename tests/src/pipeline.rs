@@ -296,13 +296,7 @@ impl ProducerProcess {
 
     /// One metric's value from the ops endpoint (summed over labels), if it answers.
     pub async fn metric(&self, name: &str) -> Option<f64> {
-        let body = http_get(&self.ops, "/metrics").await?;
-        let values: Vec<f64> = body
-            .lines()
-            .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-            .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
-            .collect();
-        (!values.is_empty()).then(|| values.iter().sum())
+        crate::metric_in(&http_get(&self.ops, "/metrics").await?, name)
     }
 
     pub async fn ready(&self) -> bool {

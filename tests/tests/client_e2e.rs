@@ -231,16 +231,9 @@ async fn a_near_cache_following_invalidations_is_exact_as_of_every_answer() {
             .near_cache(NearCacheOptions::new(1000, ttl).follow_invalidations(Duration::from_secs(600))),
     )
     .expect("client");
-    // The client's own gauges, as a service's /metrics would show them.
-    let metric = |name: &str, reason: Option<&str>| -> f64 {
-        registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().iter())
-            .filter(|m| reason.is_none_or(|r| m.get_label().iter().any(|l| l.value() == r)))
-            .map(|m| m.get_gauge().get_value() + m.get_counter().get_value())
-            .sum()
+    let metric = |name: &str, reason: Option<&str>| {
+        let labels: Vec<(&str, &str)> = reason.map(|r| ("reason", r)).into_iter().collect();
+        walcache_tests::registry_value(&registry, name, &labels)
     };
     let deliveries = |read: &walcache_client::Read<CourierPerformance>| read.value.as_ref().map(|v| v.deliveries);
     // Held past the TTL once the stream is connected (its hello drops what came before).
@@ -797,16 +790,7 @@ async fn a_refused_request_is_a_configuration_error_that_is_counted_and_can_fail
         "{:?}",
         a.reason
     );
-    let value = |name: &str, labels: &[(&str, &str)]| -> f64 {
-        registry
-            .gather()
-            .iter()
-            .filter(|f| f.name() == name)
-            .flat_map(|f| f.get_metric().to_vec())
-            .filter(|m| labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)))
-            .map(|m| m.get_counter().get_value())
-            .sum()
-    };
+    let value = |name: &str, labels: &[(&str, &str)]| walcache_tests::registry_value(&registry, name, labels);
     assert_eq!(value("walcache_client_answers_total", &[("source", "fallback"), ("reason", "rejected")]), 1.0);
     assert_eq!(value("walcache_client_requests_total", &[("outcome", "rejected")]), 1.0, "never retried");
     // A service that wants to know at once fails instead.

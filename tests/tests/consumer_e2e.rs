@@ -811,10 +811,7 @@ impl EventStream {
 
 async fn metric(c: &TestConsumer, name: &str) -> f64 {
     let text = c.request(reqwest::Method::GET, "/metrics").send().await.expect("metrics").text().await.expect("text");
-    text.lines()
-        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("{name} not in /metrics"))
+    walcache_tests::metric_in(&text, name).unwrap_or_else(|| panic!("{name} not in /metrics"))
 }
 
 /// The invalidation stream near-caches follow: hello, then each table's coverage, then key
