@@ -11,7 +11,8 @@
 //!  snapshot   one plain COPY TO STDOUT          vs  the producer's chunked copy (planner + workers),
 //!             (tokio-postgres, same table)          and its whole initial snapshot to every chunk
 //!                                                   acknowledged by the mock cluster; parallelism 1, 4
-//!  read       tokio-postgres PK query, redis   vs  walcache-client get (HTTP Avro, HTTP JSON; near-cache)
+//!  read       tokio-postgres PK query, redis   vs  walcache-client get (HTTP Avro, HTTP JSON; near-cache;
+//!             embedded), and the floors with no walcache: axum + reqwest, plain tokio TCP
 //!  memory     moka, one entry per row          vs  the consumer's paged store, RSS per row
 //! ```
 //!
@@ -833,6 +834,16 @@ async fn read(
         }
         results.push((label, keys, pg, ours, target));
     }
+    let floors = [
+        (
+            "HTTP/1.1, axum + reqwest, fixed 180 B body",
+            (pg_reads(p, Keys::Uniform(rows), seconds).await, http_floor(seconds).await?),
+        ),
+        (
+            "TCP, tokio, 16 B request -> 180 B answer",
+            (pg_reads(p, Keys::Uniform(rows), seconds).await, tcp_floor(seconds).await?),
+        ),
+    ];
     embedded_view.stop().await?;
     let mut lines = near_cache_freshness(p, consumer, 100).await?;
     for (label, keys, pg, r, target) in &results {
@@ -844,6 +855,19 @@ async fn read(
             ratio: Some(speedup),
             target: format!(">= {target}x"),
             ok: Some(speedup >= *target),
+        });
+    }
+    // The floors: what a round trip costs here with no walcache in it (measured, like the paths,
+    // while the embedded view follows the topics), beside a PK query of the same moment. A
+    // remote path cannot beat its floor, so ours - floor is walcache's share.
+    for (label, (pg, floor)) in &floors {
+        lines.push(Line {
+            what: format!("floor: round trip p50, c=16, {label}"),
+            baseline: format!("tokio-postgres PK query {:.0} us", pg.p50_us),
+            ours: format!("{:.1} us (p99 {:.0} us, {}/s)", floor.p50_us, floor.p99_us, k(floor.per_sec)),
+            ratio: Some(pg.p50_us / floor.p50_us.max(0.001)),
+            target: "(no walcache)".into(),
+            ok: None,
         });
     }
     match redis_get_rate(rows) {
@@ -871,6 +895,88 @@ async fn read(
     Ok(lines)
 }
 
+/// Bytes of the floors' answer: about one courier row with its headers' worth of as-of, the
+/// size redis-benchmark is given too.
+const FLOOR_ANSWER_BYTES: usize = 180;
+
+/// The HTTP floor: a fixed body from an axum route through a pooled reqwest client, in this
+/// process, the same stacks a remote walcache read goes through with none of walcache's work.
+async fn http_floor(seconds: u64) -> Result<LoadResult> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let base = format!("http://{}", listener.local_addr()?);
+    let answer = bytes::Bytes::from(vec![7u8; FLOOR_ANSWER_BYTES]);
+    let app = axum::Router::new().route(
+        "/v1/floor/{key}",
+        axum::routing::get(move || {
+            let answer = answer.clone();
+            async move { ([("content-type", "application/octet-stream")], answer) }
+        }),
+    );
+    let server = tokio::spawn(async move { axum::serve(listener, app).await });
+    let http = reqwest::Client::builder().build()?;
+    println!("read: measuring the HTTP floor for {seconds} s");
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let floor = load(seconds, READ_CONCURRENCY, move |_| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let mut out = Vec::new();
+            while Instant::now() < until {
+                let t = Instant::now();
+                let key = Keys::Uniform(200_000).pick();
+                if let Ok(answer) = http.get(format!("{base}/v1/floor/{key}")).send().await {
+                    let _ = answer.bytes().await;
+                }
+                out.push(t.elapsed());
+            }
+            out
+        }
+    })
+    .await;
+    server.abort();
+    Ok(floor)
+}
+
+/// The floor of any protocol over loopback TCP here: one connection per reader, a 16-byte
+/// request and a 180-byte answer, no parsing (what a pipelined binary protocol could reach).
+async fn tcp_floor(seconds: u64) -> Result<LoadResult> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let server = tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = socket.set_nodelay(true);
+            tokio::spawn(async move {
+                let (mut request, answer) = ([0u8; 16], [7u8; FLOOR_ANSWER_BYTES]);
+                while socket.read_exact(&mut request).await.is_ok() {
+                    if socket.write_all(&answer).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    println!("read: measuring the TCP floor for {seconds} s");
+    let until = Instant::now() + Duration::from_secs(seconds);
+    let floor = load(seconds, READ_CONCURRENCY, move |_| async move {
+        let mut out = Vec::new();
+        let Ok(mut socket) = tokio::net::TcpStream::connect(addr).await else { return out };
+        let _ = socket.set_nodelay(true);
+        let mut answer = [0u8; FLOOR_ANSWER_BYTES];
+        while Instant::now() < until {
+            let t = Instant::now();
+            let mut request = [0u8; 16];
+            request[..8].copy_from_slice(&Keys::Uniform(200_000).pick().to_be_bytes());
+            if socket.write_all(&request).await.is_err() || socket.read_exact(&mut answer).await.is_err() {
+                break;
+            }
+            out.push(t.elapsed());
+        }
+        out
+    })
+    .await;
+    server.abort();
+    Ok(floor)
+}
 /// Commit -> visible for single-row updates, side by side: through the consumer's API (polled,
 /// no near-cache) and through a near-cache that follows the invalidation stream (polled; its
 /// entry for the key is held before each update). Target: the near-cache's p99 within 2x the
