@@ -178,6 +178,27 @@ fn built(dir: &str, name: &str) -> PathBuf {
 /// before the server binds it. Ports come from below the ephemeral range instead, from a
 /// per-process sequence so that two tests of one binary never get the same one, starting at an
 /// offset derived from the process id so that two processes rarely walk the same ports.
+pub fn free_port() -> u16 {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
+        .filter(|low| *low > FIRST + 1_000)
+        .unwrap_or(32_768);
+    let span = ephemeral_low - FIRST;
+    let start = std::process::id().wrapping_mul(7_919) % span;
+    for _ in 0..span {
+        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).expect("below the ephemeral range");
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free TCP port between {FIRST} and {ephemeral_low}")
+}
+
 /// One metric's value in a Prometheus text exposition, summed over its series: what a
 /// scraper reads, not the exporter's own bookkeeping.
 pub fn metric_in(exposition: &str, name: &str) -> Option<f64> {
@@ -200,25 +221,4 @@ pub fn registry_value(registry: &prometheus::Registry, name: &str, labels: &[(&s
         .filter(|m| labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v)))
         .map(|m| m.get_counter().get_value() + m.get_gauge().get_value())
         .sum()
-}
-
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    const FIRST: u32 = 20_000;
-    let ephemeral_low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
-        .ok()
-        .and_then(|range| range.split_whitespace().next()?.parse::<u32>().ok())
-        .filter(|low| *low > FIRST + 1_000)
-        .unwrap_or(32_768);
-    let span = ephemeral_low - FIRST;
-    let start = std::process::id().wrapping_mul(7_919) % span;
-    for _ in 0..span {
-        let port = FIRST + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
-        let port = u16::try_from(port).expect("below the ephemeral range");
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free TCP port between {FIRST} and {ephemeral_low}")
 }

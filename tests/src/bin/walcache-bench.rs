@@ -837,11 +837,11 @@ async fn read(
     let floors = [
         (
             "HTTP/1.1, axum + reqwest, fixed 180 B body",
-            (pg_reads(p, Keys::Uniform(rows), seconds).await, http_floor(seconds).await?),
+            (pg_reads(p, Keys::Uniform(rows), seconds).await, http_floor(Keys::Uniform(rows), seconds).await?),
         ),
         (
             "TCP, tokio, 16 B request -> 180 B answer",
-            (pg_reads(p, Keys::Uniform(rows), seconds).await, tcp_floor(seconds).await?),
+            (pg_reads(p, Keys::Uniform(rows), seconds).await, tcp_floor(Keys::Uniform(rows), seconds).await?),
         ),
     ];
     embedded_view.stop().await?;
@@ -901,7 +901,7 @@ const FLOOR_ANSWER_BYTES: usize = 180;
 
 /// The HTTP floor: a fixed body from an axum route through a pooled reqwest client, in this
 /// process, the same stacks a remote walcache read goes through with none of walcache's work.
-async fn http_floor(seconds: u64) -> Result<LoadResult> {
+async fn http_floor(keys: Keys, seconds: u64) -> Result<LoadResult> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let base = format!("http://{}", listener.local_addr()?);
     let answer = bytes::Bytes::from(vec![7u8; FLOOR_ANSWER_BYTES]);
@@ -922,7 +922,7 @@ async fn http_floor(seconds: u64) -> Result<LoadResult> {
             let mut out = Vec::new();
             while Instant::now() < until {
                 let t = Instant::now();
-                let key = Keys::Uniform(200_000).pick();
+                let key = keys.pick();
                 if let Ok(answer) = http.get(format!("{base}/v1/floor/{key}")).send().await {
                     let _ = answer.bytes().await;
                 }
@@ -938,7 +938,7 @@ async fn http_floor(seconds: u64) -> Result<LoadResult> {
 
 /// The floor of any protocol over loopback TCP here: one connection per reader, a 16-byte
 /// request and a 180-byte answer, no parsing (what a pipelined binary protocol could reach).
-async fn tcp_floor(seconds: u64) -> Result<LoadResult> {
+async fn tcp_floor(keys: Keys, seconds: u64) -> Result<LoadResult> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -965,7 +965,7 @@ async fn tcp_floor(seconds: u64) -> Result<LoadResult> {
         while Instant::now() < until {
             let t = Instant::now();
             let mut request = [0u8; 16];
-            request[..8].copy_from_slice(&Keys::Uniform(200_000).pick().to_be_bytes());
+            request[..8].copy_from_slice(&keys.pick().to_be_bytes());
             if socket.write_all(&request).await.is_err() || socket.read_exact(&mut answer).await.is_err() {
                 break;
             }
@@ -977,6 +977,7 @@ async fn tcp_floor(seconds: u64) -> Result<LoadResult> {
     server.abort();
     Ok(floor)
 }
+
 /// Commit -> visible for single-row updates, side by side: through the consumer's API (polled,
 /// no near-cache) and through a near-cache that follows the invalidation stream (polled; its
 /// entry for the key is held before each update). Target: the near-cache's p99 within 2x the
